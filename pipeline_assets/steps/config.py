@@ -1,0 +1,106 @@
+"""Typed configuration of every step, and the named scales a run can be made at."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StepConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatabaseConfig(StepConfig):
+    """ETL of the targets database from the packaged raw inputs."""
+
+    soi_national_year: int = 2022
+    # District populations must sum to their state's within this relative tolerance.
+    district_state_tolerance: float = Field(0.001, gt=0)
+
+
+class DatasetConfig(StepConfig):
+    """The household sample drawn from the CPS tax units, and the QRF imputation."""
+
+    households: int = Field(2000, ge=51)
+    seed: int = 0
+    min_households_per_state: int = Field(2, ge=1)
+    qrf_donors: int = Field(4000, ge=50)
+    qrf_trees: int = Field(40, ge=1)
+
+
+class CalibrationConfig(StepConfig):
+    """The target matrix: household clones placed in districts, and which targets to use."""
+
+    clones: int = Field(5, ge=1)
+    seed: int = 0
+    # None means every target in the database.
+    target_variables: tuple[str, ...] | None = None
+
+
+class FitConfig(StepConfig):
+    """One L0-regularised weight fit (l0-python's SparseCalibrationWeights)."""
+
+    scope: Literal["local", "national"]
+    epochs: int = Field(200, ge=1)
+    lambda_l0: float = Field(1e-6, ge=0)
+    lambda_l2: float = Field(0.0, ge=0)
+    learning_rate: float = Field(0.15, gt=0)
+    init_keep_prob: float = Field(0.9, gt=0, lt=1)
+    seed: int = 0
+    threads: int = Field(1, ge=1)
+
+
+class AreaConfig(StepConfig):
+    """The 488 local-area files, built by a pool of workers."""
+
+    workers: int = Field(2, ge=1)
+
+
+class RunConfig(StepConfig):
+    """Everything a release run is made from."""
+
+    scale: str = "small"
+    build_database: bool = True
+    database: DatabaseConfig = DatabaseConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    local_fit: FitConfig = FitConfig(scope="local")
+    national_fit: FitConfig = FitConfig(scope="national")
+    areas: AreaConfig = AreaConfig()
+
+
+SCALES: dict[str, dict] = {
+    "tiny": {
+        "dataset": {"households": 300, "qrf_donors": 400, "qrf_trees": 10},
+        "calibration": {"clones": 2},
+        "local_fit": {"scope": "local", "epochs": 60},
+        "national_fit": {"scope": "national", "epochs": 60},
+    },
+    "small": {
+        "dataset": {"households": 2000},
+        "calibration": {"clones": 5},
+        "local_fit": {"scope": "local", "epochs": 200},
+        "national_fit": {"scope": "national", "epochs": 200},
+    },
+    "reference": {
+        "dataset": {"households": 8000, "qrf_donors": 8000, "qrf_trees": 60},
+        "calibration": {"clones": 25},
+        "local_fit": {"scope": "local", "epochs": 400},
+        "national_fit": {"scope": "national", "epochs": 400},
+    },
+}
+
+
+def config_for_scale(scale: str, **overrides) -> RunConfig:
+    """The RunConfig of a named scale, with section overrides such as local_fit={"epochs": 5}."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: expected one of {', '.join(SCALES)}")
+    sections = {name: dict(values) for name, values in SCALES[scale].items()}
+    flat = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            sections.setdefault(key, {}).update(value)
+        else:
+            flat[key] = value
+    return RunConfig.model_validate({"scale": scale, **sections, **flat})

@@ -1,0 +1,148 @@
+"""The release's geography: 51 states, 436 congressional districts (119th Congress), NYC, the nation.
+
+Everything is read from the packaged raw inputs, so the area list is the data's, not a hand-made one.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+RAW_INPUTS_PACKAGE = "pipeline_assets.data"
+
+# (FIPS, postal abbreviation, name) for the 50 states and DC; Puerto Rico (72) is outside the release.
+STATES: tuple[tuple[str, str, str], ...] = (
+    ("01", "AL", "Alabama"), ("02", "AK", "Alaska"), ("04", "AZ", "Arizona"),
+    ("05", "AR", "Arkansas"), ("06", "CA", "California"), ("08", "CO", "Colorado"),
+    ("09", "CT", "Connecticut"), ("10", "DE", "Delaware"), ("11", "DC", "District of Columbia"),
+    ("12", "FL", "Florida"), ("13", "GA", "Georgia"), ("15", "HI", "Hawaii"),
+    ("16", "ID", "Idaho"), ("17", "IL", "Illinois"), ("18", "IN", "Indiana"),
+    ("19", "IA", "Iowa"), ("20", "KS", "Kansas"), ("21", "KY", "Kentucky"),
+    ("22", "LA", "Louisiana"), ("23", "ME", "Maine"), ("24", "MD", "Maryland"),
+    ("25", "MA", "Massachusetts"), ("26", "MI", "Michigan"), ("27", "MN", "Minnesota"),
+    ("28", "MS", "Mississippi"), ("29", "MO", "Missouri"), ("30", "MT", "Montana"),
+    ("31", "NE", "Nebraska"), ("32", "NV", "Nevada"), ("33", "NH", "New Hampshire"),
+    ("34", "NJ", "New Jersey"), ("35", "NM", "New Mexico"), ("36", "NY", "New York"),
+    ("37", "NC", "North Carolina"), ("38", "ND", "North Dakota"), ("39", "OH", "Ohio"),
+    ("40", "OK", "Oklahoma"), ("41", "OR", "Oregon"), ("42", "PA", "Pennsylvania"),
+    ("44", "RI", "Rhode Island"), ("45", "SC", "South Carolina"), ("46", "SD", "South Dakota"),
+    ("47", "TN", "Tennessee"), ("48", "TX", "Texas"), ("49", "UT", "Utah"),
+    ("50", "VT", "Vermont"), ("51", "VA", "Virginia"), ("53", "WA", "Washington"),
+    ("54", "WV", "West Virginia"), ("55", "WI", "Wisconsin"), ("56", "WY", "Wyoming"),
+)
+STATE_ABBREV_BY_FIPS = {fips: abbrev for fips, abbrev, _ in STATES}
+STATE_FIPS_BY_ABBREV = {abbrev: fips for fips, abbrev, _ in STATES}
+
+# New York City is its five counties (FIPS 36005, 36047, 36061, 36081, 36085), named as in the
+# county-to-district shares.
+NYC_COUNTIES: dict[str, str] = {
+    "36005": "BRONX_COUNTY_NY",
+    "36047": "KINGS_COUNTY_NY",
+    "36061": "NEW_YORK_COUNTY_NY",
+    "36081": "QUEENS_COUNTY_NY",
+    "36085": "RICHMOND_COUNTY_NY",
+}
+
+AREA_COUNT = 488
+
+
+class RawInputMissing(FileNotFoundError):
+    """A raw input the ETL needs is not where it should be."""
+
+
+def raw_inputs_dir() -> Path:
+    """The packaged raw inputs (shipped as package data; never downloaded at run time)."""
+    return Path(str(resources.files(RAW_INPUTS_PACKAGE) / "raw_inputs"))
+
+
+def raw_input(name: str, raw_dir: Path | None = None) -> Path:
+    path = (raw_dir or raw_inputs_dir()) / name
+    if not path.is_file():
+        raise RawInputMissing(f"raw input {name!r} not found at {path}: expected the packaged file")
+    return path
+
+
+@dataclass(frozen=True)
+class Area:
+    """One local area file of a release."""
+
+    kind: str  # "state" | "district" | "city" | "national"
+    code: str  # "AL", "AL-01", "NYC", "US"
+    state_fips: str | None
+
+    @property
+    def relpath(self) -> str:
+        folder = {"state": "states", "district": "districts", "city": "cities", "national": "national"}
+        return f"{folder[self.kind]}/{self.code}.h5"
+
+
+def district_code(state_fips: str, number: str) -> str:
+    """AL-01 style; at-large districts (00 upstream, 98 for DC) are numbered 01."""
+    n = int(number)
+    return f"{STATE_ABBREV_BY_FIPS[state_fips]}-{1 if n in (0, 98) else n:02d}"
+
+
+def district_geoid(state_fips: str, number: str) -> str:
+    """The key of the county-to-district shares file: int(state) * 100 + district number."""
+    return str(int(state_fips) * 100 + int(number))
+
+
+@functools.lru_cache(maxsize=4)
+def districts(raw_dir: Path | None = None) -> tuple[tuple[str, str, str], ...]:
+    """(code, state_fips, upstream district number) for the 436 districts, in state then number order."""
+    rows = json.loads(raw_input("acs5_congressional_districts_2024.json", raw_dir).read_text())
+    out = [
+        (district_code(state, number), state, number)
+        for _name, state, number in rows[1:]
+        if state in STATE_ABBREV_BY_FIPS and number.isdigit()  # ZZ rows: 'not defined' areas
+    ]
+    return tuple(sorted(out, key=lambda row: (row[1], row[0])))
+
+
+@functools.lru_cache(maxsize=4)
+def district_county_shares(raw_dir: Path | None = None) -> dict[str, tuple[tuple[str, float], ...]]:
+    """District code -> ((county name, population share), ...), shares summing to 1."""
+    by_geoid = {district_geoid(state, number): code for code, state, number in districts(raw_dir)}
+    shares: dict[str, list[tuple[str, float]]] = {}
+    with raw_input("county_cd_distributions.csv", raw_dir).open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            code = by_geoid.get(row["cd_geoid"])
+            if code is not None:
+                shares.setdefault(code, []).append((row["county_name"], float(row["probability"])))
+    normalised = {}
+    for code, pairs in shares.items():
+        total = sum(p for _, p in pairs)
+        normalised[code] = tuple((county, p / total) for county, p in pairs)
+    return normalised
+
+
+def areas(raw_dir: Path | None = None) -> tuple[Area, ...]:
+    """The 488 local areas in release order: states, districts, cities."""
+    out = [Area("state", abbrev, fips) for fips, abbrev, _ in STATES]
+    out += [Area("district", code, state) for code, state, _ in districts(raw_dir)]
+    out.append(Area("city", "NYC", "36"))
+    return tuple(out)
+
+
+NATIONAL = Area("national", "US", None)
+
+
+@functools.lru_cache(maxsize=4)
+def district_populations(raw_dir: Path | None = None) -> dict[str, float]:
+    """District code -> total population (ACS S0101, 2024 5-year)."""
+    import gzip
+
+    with gzip.open(raw_input("acs_S0101_district_2024.json.gz", raw_dir), "rt") as handle:
+        rows = json.load(handle)
+    header = rows[0]
+    geo, total = header.index("GEO_ID"), header.index("S0101_C01_001E")
+    out = {}
+    for row in rows[1:]:
+        state, number = row[geo][-4:-2], row[geo][-2:]
+        if state in STATE_ABBREV_BY_FIPS:
+            out[district_code(state, number)] = float(row[total])
+    return out

@@ -1,0 +1,16 @@
+"""What every step returns: the files it wrote and its own figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StepResult(BaseModel):
+    """Output paths (by role) and the step's figures; figures are plain numbers so they plot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    outputs: dict[str, Path]
+    figures: dict[str, float | int] = Field(default_factory=dict)
