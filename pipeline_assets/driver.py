@@ -1,0 +1,86 @@
+"""The bare driver: every step of a release in order, into the run store, with no orchestrator.
+
+It is the baseline the Dagster graph is benchmarked against, and the simplest way to read what a
+release is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Callable
+
+from pipeline_assets import release
+from pipeline_assets.identity import ensure_no_skew, make_run_id, package_version, running_code_sha
+from pipeline_assets.steps.config import RunConfig
+from resources.compute import LocalPool
+from resources.git import CodeState
+from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
+
+AREAS_MANIFEST = f"{release.H5_ROOT}/areas.json"
+
+
+def start_run(
+    store: LocalRunStore, config: RunConfig, code: CodeState, started_at: datetime | None = None
+) -> RunMeta:
+    """Create the run record (status running) with its pinned SHA and configuration."""
+    version = package_version()
+    meta = RunMeta(
+        run_id=make_run_id(version, code.sha, started_at),
+        sha=code.sha,
+        branch=code.branch,
+        dirty=code.dirty,
+        diff_sha256=code.diff_sha256,
+        version=version,
+        config=config.model_dump(mode="json"),
+    )
+    return store.create_run(meta)
+
+
+def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], object], running_sha: str):
+    """Run one step under the skew guard, recording its timing and, on failure, the error."""
+    meta = store.read_meta(run_id)
+    ensure_no_skew(run_id, meta.sha, step, running_sha)
+    store.update_meta(run_id, lambda m: m.step_started(step))
+    try:
+        result = work()
+    except Exception as exc:
+        def fail(m: RunMeta) -> None:
+            m.step_ended(step, "failed")
+            m.error = RunError(step=step, message=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            m.transition(RunStatus.failed)
+
+        store.update_meta(run_id, fail)
+        raise
+    store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded"))
+    return result
+
+
+def run_release(
+    store: LocalRunStore,
+    config: RunConfig,
+    code: CodeState,
+    pool: LocalPool | None = None,
+    running_sha: str | None = None,
+) -> tuple[RunMeta, dict[str, object]]:
+    """Run a whole release; return the completed run record and each step's result."""
+    running_sha = running_sha or running_code_sha()
+    pool = pool or LocalPool(config.areas.workers)
+    meta = start_run(store, config, code)
+    run_id = meta.run_id
+    steps: dict[str, Callable[[], object]] = {
+        "policy_data_db": lambda: release.run_database(store, run_id, config),
+        "source_datasets": lambda: release.run_datasets(store, run_id, config),
+        "calibration_package": lambda: release.run_calibration_package(store, run_id, config),
+        "state_weights": lambda: release.run_fit(store, run_id, config, "state_weights"),
+        "national_weights": lambda: release.run_fit(store, run_id, config, "national_weights"),
+        "local_areas": lambda: release.run_local_areas(store, run_id, pool),
+        "run_diagnostics": lambda: release.run_diagnostics(store, run_id, config),
+    }
+    results: dict[str, object] = {}
+    for step in release.STEP_ORDER:
+        results[step] = run_step(store, run_id, step, steps[step], running_sha)
+    areas = [area.model_dump() for area in results["local_areas"]]
+    store.write_run_file(run_id, AREAS_MANIFEST, json.dumps(areas, indent=2).encode())
+    meta = store.update_meta(run_id, lambda m: m.transition(RunStatus.completed))
+    return meta, results

@@ -1,0 +1,203 @@
+"""The run store: one layout (runs/, staging/, production/, version_manifest.json) on any backend.
+
+Keys are relative to the store root so that a GCS bucket or a Modal volume can implement the same
+interface. This module holds the run record (meta.json) and the local-directory backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline_assets.steps.io import atomic_path, write_bytes_atomic
+
+STORE_VARIABLE = "PIPELINE_STORE"
+DEFAULT_STORE = ".pipeline-data"
+
+
+class RunStatus(str, Enum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    promoted = "promoted"
+
+
+# failed -> running is a resume; nothing leaves promoted.
+ALLOWED_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.running: frozenset({RunStatus.completed, RunStatus.failed}),
+    RunStatus.failed: frozenset({RunStatus.running}),
+    RunStatus.completed: frozenset({RunStatus.promoted}),
+    RunStatus.promoted: frozenset(),
+}
+SEALED = frozenset({RunStatus.completed, RunStatus.promoted})
+
+
+class RunStoreError(RuntimeError):
+    """A store operation that would lose or corrupt data."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StepTiming(BaseModel):
+    started_at: datetime
+    ended_at: datetime | None = None
+    duration_s: float | None = None
+    status: str = "running"  # running | succeeded | failed
+
+
+class RunError(BaseModel):
+    step: str
+    message: str
+
+
+class RunMeta(BaseModel):
+    """runs/{run_id}/meta.json: what a run is, where its code came from, and how far it got."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    status: RunStatus = RunStatus.running
+    sha: str
+    branch: str | None = None
+    dirty: bool = False
+    diff_sha256: str | None = None
+    version: str
+    config: dict[str, Any]
+    env_id: str | None = None
+    config_hash: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    step_timings: dict[str, StepTiming] = Field(default_factory=dict)
+    error: RunError | None = None
+
+    def transition(self, status: RunStatus) -> None:
+        if status not in ALLOWED_TRANSITIONS[self.status]:
+            raise RunStoreError(
+                f"run {self.run_id}: status {self.status.value} cannot become {status.value}"
+            )
+        self.status = status
+
+    def step_started(self, step: str) -> None:
+        self.step_timings[step] = StepTiming(started_at=utcnow())
+
+    def step_ended(self, step: str, status: str) -> None:
+        timing = self.step_timings.get(step) or StepTiming(started_at=utcnow())
+        timing.ended_at = utcnow()
+        timing.duration_s = round((timing.ended_at - timing.started_at).total_seconds(), 3)
+        timing.status = status
+        self.step_timings[step] = timing
+
+
+class LocalRunStore:
+    """The store on a local directory; atomic writes by temporary name and rename."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root or os.environ.get(STORE_VARIABLE) or DEFAULT_STORE).resolve()
+
+    # --- keys -------------------------------------------------------------------------------
+    @staticmethod
+    def run_key(run_id: str, rel: str = "") -> str:
+        return f"runs/{run_id}/{rel}".rstrip("/")
+
+    def path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents and path != self.root:
+            raise RunStoreError(f"key {key!r} points outside the store {self.root}")
+        return path
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+
+    # --- run records ------------------------------------------------------------------------
+    def meta_key(self, run_id: str) -> str:
+        return self.run_key(run_id, "meta.json")
+
+    def create_run(self, meta: RunMeta) -> RunMeta:
+        """Register a new run; a run_id is never reused."""
+        with self._meta_lock(meta.run_id):
+            if self.exists(self.meta_key(meta.run_id)):
+                raise RunStoreError(f"run {meta.run_id} already exists in {self.root}")
+            self._write_meta(meta)
+        return meta
+
+    def read_meta(self, run_id: str) -> RunMeta:
+        key = self.meta_key(run_id)
+        if not self.exists(key):
+            raise RunStoreError(f"unknown run {run_id}: no {key} in {self.root}")
+        return RunMeta.model_validate_json(self.read_bytes(key))
+
+    def update_meta(self, run_id: str, change: Callable[[RunMeta], None]) -> RunMeta:
+        """Read, change and atomically rewrite meta.json under a lock (parallel steps share it)."""
+        with self._meta_lock(run_id):
+            meta = self.read_meta(run_id)
+            change(meta)
+            meta.updated_at = utcnow()
+            self._write_meta(meta)
+        return meta
+
+    def list_runs(self) -> list[RunMeta]:
+        runs_dir = self.path("runs")
+        if not runs_dir.is_dir():
+            return []
+        metas = [self.read_meta(p.parent.name) for p in runs_dir.glob("*/meta.json")]
+        return sorted(metas, key=lambda m: m.created_at)
+
+    def _write_meta(self, meta: RunMeta) -> None:
+        write_bytes_atomic(self.path(self.meta_key(meta.run_id)), meta.model_dump_json(indent=2).encode())
+
+    @contextlib.contextmanager
+    def _meta_lock(self, run_id: str) -> Iterator[None]:
+        lock = self.path(self.run_key(run_id, ".meta.lock"))
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # --- run artifacts (append-only once the run is sealed) ----------------------------------
+    def output_path(self, run_id: str, rel: str) -> Path:
+        """Local path a step writes `rel` of `run_id` to; refused if that would rewrite a sealed file."""
+        key = self.run_key(run_id, rel)
+        if self.exists(key) and self.read_meta(run_id).status in SEALED:
+            raise RunStoreError(
+                f"refusing to overwrite {key}: run {run_id} is {self.read_meta(run_id).status.value} "
+                "and its files are append-only"
+            )
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_run_file(self, run_id: str, rel: str, data: bytes) -> Path:
+        return write_bytes_atomic(self.output_path(run_id, rel), data)
+
+    def write_run_json(self, run_id: str, rel: str, record: Any) -> Path:
+        payload = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
+        return self.write_run_file(run_id, rel, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def atomic_run_file(self, run_id: str, rel: str) -> Iterator[Path]:
+        with atomic_path(self.output_path(run_id, rel)) as tmp:
+            yield tmp
