@@ -100,7 +100,9 @@ def read_targets(db_path: Path, variables: tuple[str, ...] | None) -> pd.DataFra
             raise UnknownTargetVariable(f"target variables {missing} are not in the database {db_path}")
         targets = targets[targets["variable"].isin(variables)].reset_index(drop=True)
     targets["name"] = targets["geo_id"] + "/" + targets["variable"] + "/" + targets["stratum"]
-    group_keys = targets["level"] + "/" + targets["variable"]
+    # Fit groups weigh equally: a level's totals count as much as all of that level's bands together.
+    band_kind = targets["stratum"].str.split(":").str[0]
+    group_keys = targets["level"] + "/" + targets["variable"] + "/" + band_kind
     targets["group"] = pd.factorize(group_keys)[0]
     return targets
 

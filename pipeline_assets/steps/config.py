@@ -72,10 +72,10 @@ class RunConfig(StepConfig):
 
 SCALES: dict[str, dict] = {
     "tiny": {
-        "dataset": {"households": 300, "qrf_donors": 400, "qrf_trees": 10},
-        "calibration": {"clones": 2},
-        "local_fit": {"scope": "local", "epochs": 60},
-        "national_fit": {"scope": "national", "epochs": 60},
+        "dataset": {"households": 2000, "qrf_donors": 400, "qrf_trees": 10},
+        "calibration": {"clones": 5},
+        "local_fit": {"scope": "local", "epochs": 150},
+        "national_fit": {"scope": "national", "epochs": 150},
     },
     "small": {
         "dataset": {"households": 2000},

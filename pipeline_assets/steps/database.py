@@ -94,7 +94,7 @@ AGE_BAND_COLUMNS = tuple(
     for index in range(2, 20)
 )
 PERSON_COUNT_STRATA = 1 + len(AGE_BAND_COLUMNS)
-SNAP_HOUSEHOLDS_COLUMN = "S2201_C03_001E"  # households receiving SNAP
+SNAP_HOUSEHOLDS = "S2201_C03_001E"  # households receiving SNAP
 
 SOI_STATE_VARIABLES = {
     ("adjusted_gross_income/count", "1"): "tax_unit_count",
@@ -128,14 +128,15 @@ class Target(NamedTuple):
 def build_database(out_path: Path, config: DatabaseConfig, raw_dir: Path | None = None) -> StepResult:
     """Build, validate and atomically publish the targets database at out_path."""
     out_path = Path(out_path)
-    raw_rows = [_raw_input_row(name, raw_dir) for name in RAW_INPUT_FILES]  # fails fast if one is missing
+    raw_rows = [_raw_input_row(name, raw_dir) for name in RAW_INPUT_FILES]  # a missing one fails here
     with atomic_path(out_path) as tmp, contextlib.closing(sqlite3.connect(tmp)) as conn:
         conn.executescript(SCHEMA)
         conn.executemany("INSERT INTO raw_inputs VALUES (?, ?, ?)", raw_rows)
         conn.executemany("INSERT INTO geographies VALUES (?, ?, ?, ?, ?)", _geographies(raw_dir))
         conn.executemany("INSERT INTO district_counties VALUES (?, ?, ?)", _district_counties(raw_dir))
         conn.executemany(
-            "INSERT INTO targets (source, period, geo_id, variable, stratum, value) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO targets (source, period, geo_id, variable, stratum, value)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             _all_targets(config, raw_dir),
         )
         conn.executemany(
@@ -149,6 +150,17 @@ def build_database(out_path: Path, config: DatabaseConfig, raw_dir: Path | None 
         conn.commit()
         figures = {**_counts(conn), **validate_database(conn, config)}
     return StepResult(outputs={"database": out_path}, figures=figures)
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, int]:
+    figures = {"targets": conn.execute("SELECT COUNT(*) FROM targets").fetchone()[0]}
+    for source, count in conn.execute("SELECT source, COUNT(*) FROM targets GROUP BY source ORDER BY 1"):
+        figures[f"targets_{source}"] = count
+    levels = dict(conn.execute("SELECT level, COUNT(*) FROM geographies GROUP BY level"))
+    figures["n_geographies"] = sum(levels.values())
+    figures["n_states"] = levels.get("state", 0)
+    figures["n_districts"] = levels.get("district", 0)
+    return figures
 
 
 # --- raw inputs -------------------------------------------------------------------------------
@@ -279,10 +291,14 @@ def _age_targets(geo_id: str, row: dict[str, str]) -> list[Target]:
 
 def _person_count_targets(raw_dir: Path | None) -> list[Target]:
     states = [
-        target for abbrev, row in _census_states(ACS_AGE_STATE, raw_dir) for target in _age_targets(abbrev, row)
+        target
+        for abbrev, row in _census_states(ACS_AGE_STATE, raw_dir)
+        for target in _age_targets(abbrev, row)
     ]
     district_targets = [
-        target for code, row in _census_districts(ACS_AGE_DISTRICT, raw_dir) for target in _age_targets(code, row)
+        target
+        for code, row in _census_districts(ACS_AGE_DISTRICT, raw_dir)
+        for target in _age_targets(code, row)
     ]
     return _national_sums(states) + states + district_targets
 
@@ -291,9 +307,10 @@ def _state_agi_targets(raw_dir: Path | None) -> list[Target]:
     """IRS SOI returns and AGI by bracket per state; the amounts are already in dollars."""
     targets = []
     for row in _csv_rows(SOI_AGI_STATE, raw_dir):
-        variable = SOI_STATE_VARIABLES.get((row["VARIABLE"], row["IS_COUNT"]))
-        if variable is None:
-            raise ValueError(f"{SOI_AGI_STATE}: unexpected VARIABLE/IS_COUNT {row['VARIABLE']}/{row['IS_COUNT']}")
+        key = (row["VARIABLE"], row["IS_COUNT"])
+        if key not in SOI_STATE_VARIABLES:
+            raise ValueError(f"{SOI_AGI_STATE}: unexpected VARIABLE, IS_COUNT {key}")
+        variable = SOI_STATE_VARIABLES[key]
         bracket = stratum("agi", float(row["AGI_LOWER_BOUND"]), float(row["AGI_UPPER_BOUND"]))
         abbrev = STATE_ABBREV_BY_FIPS[_state_fips(row["GEO_ID"])]
         targets.append(Target("irs_soi", SOI_STATE_PERIOD, abbrev, variable, bracket, float(row["VALUE"])))
@@ -302,7 +319,10 @@ def _state_agi_targets(raw_dir: Path | None) -> list[Target]:
 
 def _national_agi_targets(year: int, raw_dir: Path | None) -> list[Target]:
     """IRS SOI Table 1.1, all filers: returns and AGI (dollars) by bracket, and the full-population total."""
-    wanted = {("count", "True"): "tax_unit_count", ("adjusted_gross_income", "False"): "adjusted_gross_income"}
+    wanted = {
+        ("count", "True"): "tax_unit_count",
+        ("adjusted_gross_income", "False"): "adjusted_gross_income",
+    }
     targets = []
     for row in _csv_rows(SOI_NATIONAL, raw_dir):
         variable = wanted.get((row["Variable"], row["Count"]))
@@ -319,7 +339,8 @@ def _national_agi_targets(year: int, raw_dir: Path | None) -> list[Target]:
             if lower == -math.inf and upper == 0:
                 upper = 1.0
             bracket = stratum("agi", lower, upper)
-        targets.append(Target("irs_soi_national", year, NATIONAL_GEO_ID, variable, bracket, float(row["Value"])))
+        value = float(row["Value"])
+        targets.append(Target("irs_soi_national", year, NATIONAL_GEO_ID, variable, bracket, value))
     if not targets:
         raise ValueError(f"{SOI_NATIONAL}: no returns or AGI rows for year {year}")
     return targets
@@ -329,11 +350,12 @@ def _state_csv_targets(
     name: str, source: str, period: int, columns: dict[str, str], raw_dir: Path | None
 ) -> list[Target]:
     """One stratum-`all` target per state and column of a GEO_ID-keyed state table."""
-    return [
-        Target(source, period, STATE_ABBREV_BY_FIPS[_state_fips(row["GEO_ID"])], variable, "all", float(row[column]))
-        for row in _csv_rows(name, raw_dir)
-        for column, variable in columns.items()
-    ]
+    targets = []
+    for row in _csv_rows(name, raw_dir):
+        abbrev = STATE_ABBREV_BY_FIPS[_state_fips(row["GEO_ID"])]
+        for column, variable in columns.items():
+            targets.append(Target(source, period, abbrev, variable, "all", float(row[column])))
+    return targets
 
 
 def _snap_targets(raw_dir: Path | None) -> list[Target]:
@@ -342,33 +364,19 @@ def _snap_targets(raw_dir: Path | None) -> list[Target]:
         SNAP_STATE, "usda_fns", SNAP_STATE_PERIOD, {"Households": "household_snap_count"}, raw_dir
     )
     district_targets = [
-        Target(
-            "census_acs_s2201", ACS_PERIOD, code, "household_snap_count", "all", float(row[SNAP_HOUSEHOLDS_COLUMN])
-        )
+        Target("census_acs_s2201", ACS_PERIOD, code, "household_snap_count", "all", float(row[SNAP_HOUSEHOLDS]))
         for code, row in _census_districts(ACS_SNAP_DISTRICT, raw_dir)
     ]
     return _national_sums(states) + states + district_targets
 
 
 def _eitc_targets(raw_dir: Path | None) -> list[Target]:
-    states = _state_csv_targets(
-        EITC_STATE, "irs_soi_table2", EITC_PERIOD, {"Returns": "eitc_returns", "Amount": "eitc_amount"}, raw_dir
-    )
+    columns = {"Returns": "eitc_returns", "Amount": "eitc_amount"}  # Amount already converted to dollars
+    states = _state_csv_targets(EITC_STATE, "irs_soi_table2", EITC_PERIOD, columns, raw_dir)
     return _national_sums(states) + states
 
 
 # --- validation -------------------------------------------------------------------------------
-
-
-def _counts(conn: sqlite3.Connection) -> dict[str, int]:
-    figures = {"targets": conn.execute("SELECT COUNT(*) FROM targets").fetchone()[0]}
-    for source, count in conn.execute("SELECT source, COUNT(*) FROM targets GROUP BY source ORDER BY source"):
-        figures[f"targets_{source}"] = count
-    levels = dict(conn.execute("SELECT level, COUNT(*) FROM geographies GROUP BY level"))
-    figures["n_geographies"] = sum(levels.values())
-    figures["n_states"] = levels.get("state", 0)
-    figures["n_districts"] = levels.get("district", 0)
-    return figures
 
 
 def validate_database(conn: sqlite3.Connection, config: DatabaseConfig) -> dict[str, float]:
@@ -410,32 +418,38 @@ def _check_target_geographies(conn: sqlite3.Connection) -> None:
         " GROUP BY geo_id ORDER BY geo_id"
     ).fetchall()
     if unknown:
-        raise _fail("target geographies", f"{len(unknown)} unknown geo_ids, first {unknown[0][0]} ({unknown[0][1]} rows)")
+        geo_id, rows = unknown[0]
+        raise _fail("target geographies", f"{len(unknown)} unknown geo_ids, first {geo_id} ({rows} rows)")
 
 
 def _check_values(conn: sqlite3.Connection) -> None:
     """Every value finite and non-negative; AGI in the open-ended lowest bracket may be negative."""
+    rows = conn.execute(
+        "SELECT source, period, geo_id, variable, stratum, value FROM targets ORDER BY target_id"
+    )
     bad = [
-        row
-        for row in conn.execute("SELECT source, period, geo_id, variable, stratum, value FROM targets ORDER BY target_id")
-        if not math.isfinite(row[5])
-        or (row[5] < 0 and not (row[3] == "adjusted_gross_income" and row[4].startswith("agi:-inf:")))
+        (source, period, geo_id, variable, stratum_, value)
+        for source, period, geo_id, variable, stratum_, value in rows
+        if not math.isfinite(value)
+        or (value < 0 and not (variable == "adjusted_gross_income" and stratum_.startswith("agi:-inf:")))
     ]
     if bad:
-        source, period, geo_id, variable, stratum_, value = bad[0]
-        raise _fail(
-            "target values",
-            f"{len(bad)} negative or non-finite, first {source} {period} {geo_id} {variable} {stratum_} = {value}",
-        )
+        first = " ".join(str(field) for field in bad[0][:5])
+        raise _fail("target values", f"{len(bad)} negative or non-finite, first {first} = {bad[0][5]}")
 
 
 def _check_person_count_rows(conn: sqlite3.Connection) -> None:
-    counts = conn.execute(
-        "SELECT g.geo_id, COUNT(t.target_id) FROM geographies g LEFT JOIN targets t"
-        " ON t.geo_id = g.geo_id AND t.source = 'census_acs_s0101' AND t.variable = 'person_count'"
-        " GROUP BY g.geo_id ORDER BY g.geo_id"
-    ).fetchall()
-    wrong = [(geo_id, count) for geo_id, count in counts if count != PERSON_COUNT_STRATA]
+    counts = dict(
+        conn.execute(
+            "SELECT geo_id, COUNT(*) FROM targets"
+            " WHERE source = 'census_acs_s0101' AND variable = 'person_count' GROUP BY geo_id"
+        )
+    )
+    wrong = [
+        (geo_id, counts.get(geo_id, 0))
+        for (geo_id,) in conn.execute("SELECT geo_id FROM geographies ORDER BY geo_id")
+        if counts.get(geo_id, 0) != PERSON_COUNT_STRATA
+    ]
     if wrong:
         geo_id, count = wrong[0]
         raise _fail(
@@ -462,7 +476,8 @@ def _check_strata_sum_to_totals(conn: sqlite3.Connection) -> None:
             source, period, geo_id, variable = key
             raise _fail(
                 "strata sum to total",
-                f"{geo_id} {source} {period} {variable}: {kind} strata sum to {summed:.0f}, total is {total:.0f}"
+                f"{geo_id} {source} {period} {variable}: {kind} strata sum to {summed:.0f},"
+                f" total is {total:.0f}"
                 f" (rel diff {_rel_diff(summed, total):.6f} > {STRATA_SUM_TOLERANCE})",
             )
 
@@ -474,7 +489,7 @@ def _check_state_agi_brackets(conn: sqlite3.Connection) -> None:
         "SELECT geo_id, variable, stratum FROM targets WHERE source = 'irs_soi'"
     ):
         brackets[geo_id, variable].add(stratum_)
-    states = [geo_id for (geo_id,) in conn.execute("SELECT geo_id FROM geographies WHERE level = 'state' ORDER BY geo_id")]
+    states = [row[0] for row in conn.execute("SELECT geo_id FROM geographies WHERE level = 'state' ORDER BY 1")]
     reference = brackets.get((states[0], AGI_VARIABLES[0]), set())
     if not reference:
         raise _fail("state AGI brackets", f"{states[0]} has no {AGI_VARIABLES[0]} brackets")
@@ -485,7 +500,8 @@ def _check_state_agi_brackets(conn: sqlite3.Connection) -> None:
                 raise _fail(
                     "state AGI brackets",
                     f"{state} {variable} has {len(found)} brackets, {states[0]} {AGI_VARIABLES[0]} has"
-                    f" {len(reference)} (missing {sorted(reference - found)}, extra {sorted(found - reference)})",
+                    f" {len(reference)} (missing {sorted(reference - found)},"
+                    f" extra {sorted(found - reference)})",
                 )
 
 
@@ -502,7 +518,8 @@ def _check_agi_in_dollars(conn: sqlite3.Connection) -> None:
         if not low <= per_return <= high:
             raise _fail(
                 "AGI units",
-                f"{source} {geo_id} AGI per return {per_return:,.0f} outside [{low:,.0f}, {high:,.0f}]: amounts not in dollars?",
+                f"{source} {geo_id} AGI per return {per_return:,.0f} outside [{low:,.0f}, {high:,.0f}]:"
+                " amounts not in dollars?",
             )
 
 
@@ -513,22 +530,31 @@ def _check_county_shares(conn: sqlite3.Connection) -> None:
         " WHERE g.level = 'district' GROUP BY g.geo_id ORDER BY g.geo_id"
     ):
         if abs(total - 1) > COUNTY_SHARE_TOLERANCE:
-            raise _fail("county shares", f"{geo_id} shares sum to {total:.9f}, expected 1 within {COUNTY_SHARE_TOLERANCE}")
+            raise _fail(
+                "county shares", f"{geo_id} shares sum to {total:.9f}, not 1 within {COUNTY_SHARE_TOLERANCE}"
+            )
 
 
 def _district_and_state_sums(
     conn: sqlite3.Connection, district_source: str, state_source: str, variable: str
 ) -> list[tuple[str, str, float, float]]:
     """(state, stratum, sum over the state's districts, state value) for one variable."""
-    return conn.execute(
-        "SELECT s.geo_id, s.stratum, SUM(d.value), s.value FROM targets s"
-        " JOIN geographies g ON g.parent_geo_id = s.geo_id AND g.level = 'district'"
-        " JOIN targets d ON d.geo_id = g.geo_id AND d.source = ? AND d.variable = s.variable"
-        " AND d.stratum = s.stratum"
-        " WHERE s.source = ? AND s.variable = ?"
-        " GROUP BY s.geo_id, s.stratum ORDER BY s.geo_id, s.stratum",
-        (district_source, state_source, variable),
-    ).fetchall()
+    state_of = dict(conn.execute("SELECT geo_id, parent_geo_id FROM geographies WHERE level = 'district'"))
+    district_sums: dict[tuple[str, str], float] = defaultdict(float)
+    for geo_id, stratum_, value in conn.execute(
+        "SELECT geo_id, stratum, value FROM targets WHERE source = ? AND variable = ? ORDER BY target_id",
+        (district_source, variable),
+    ):
+        if geo_id in state_of:
+            district_sums[state_of[geo_id], stratum_] += value
+    return [
+        (state, stratum_, district_sums[state, stratum_], value)
+        for state, stratum_, value in conn.execute(
+            "SELECT geo_id, stratum, value FROM targets WHERE source = ? AND variable = ?"
+            " AND geo_id IN (SELECT geo_id FROM geographies WHERE level = 'state') ORDER BY target_id",
+            (state_source, variable),
+        )
+    ]
 
 
 def _check_districts_sum_to_states(conn: sqlite3.Connection, tolerance: float) -> float:

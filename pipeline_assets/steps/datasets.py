@@ -17,16 +17,17 @@ import numpy as np
 import pandas as pd
 from quantile_forest import RandomForestQuantileRegressor
 
-from .config import DatasetConfig
-from .geography import (
+from pipeline_assets.steps.config import DatasetConfig
+from pipeline_assets.steps.geography import (
     STATE_ABBREV_BY_FIPS,
     district_county_shares,
     district_populations,
     districts,
     raw_input,
 )
-from .io import atomic_path, sha256_file
-from .results import StepResult
+from pipeline_assets.steps.h5io import open_for_write, read_frame, write_frame
+from pipeline_assets.steps.io import atomic_path, sha256_file
+from pipeline_assets.steps.results import StepResult
 
 SOURCE_FILE = "cps_taxunits.csv.gz"
 
@@ -53,15 +54,13 @@ AGI_COMPONENTS: tuple[AgiComponent, ...] = tuple(
 QRF_PREDICTORS = ("age_head", "MARS", "XTOT", "nu18", "e00200", "e00300", "e00600", "e02400", "fips")
 QRF_IMPUTED = ("e18400", "e32800")  # state and local income taxes; child care expenses
 QRF_MIN_SAMPLES_LEAF = 5
-# Each recipient's random quantile is rounded to this grid; 0 and 1 themselves are not allowed.
-QRF_QUANTILE_GRID = np.linspace(0.005, 0.995, 199)
 
 TAX_UNIT_COLUMNS = (
     "RECID", "MARS", "XTOT", "age_head", "age_spouse", "nu06", "nu13", "nu18", "n1820",
     "elderly_dependents", "EIC", "snap_ben", *dict.fromkeys(c.column for c in AGI_COMPONENTS),
     *QRF_IMPUTED,
 )
-REQUIRED_COLUMNS = (*HOUSEHOLD_KEY, "fips", "s006", *TAX_UNIT_COLUMNS)
+SOURCE_COLUMNS = (*HOUSEHOLD_KEY, "fips", "s006", *TAX_UNIT_COLUMNS)
 
 # Dependent age bands (inclusive), in the order the CPS counts fill them.
 DEPENDENT_AGE_BANDS = np.array([(0, 5), (6, 12), (13, 17), (18, 20), (21, 64), (65, 84)])
@@ -87,13 +86,20 @@ EITC_INVESTMENT_INCOME_LIMIT = 10_300
 EITC_CHILDLESS_AGES = (25, 64)
 
 
-def earned_income_tax_credit(earned, agi, joint, children, investment_income, age_head) -> np.ndarray:
+def earned_income_tax_credit(
+    earned, agi, joint, children, investment_income, age_head
+) -> np.ndarray:
     """The 2022 federal EITC, vectorised; a simplified model (no residency or SSN rules)."""
     earned = np.asarray(earned, dtype=float)
     agi = np.asarray(agi, dtype=float)
     kids = np.clip(np.asarray(children), 0, 3).astype(int)
     age = np.asarray(age_head)
-    phase_in = np.minimum(EITC_PHASE_IN_RATE[kids] * np.maximum(earned, 0), EITC_MAX_CREDIT[kids])
+    # The published maximum is rate x earned-income amount, rounded: it holds from that amount on.
+    phase_in = np.where(
+        earned >= EITC_EARNED_INCOME_AMOUNT[kids],
+        EITC_MAX_CREDIT[kids],
+        np.minimum(EITC_PHASE_IN_RATE[kids] * np.maximum(earned, 0), EITC_MAX_CREDIT[kids]),
+    )
     phase_out_start = EITC_PHASE_OUT_START[kids] + np.where(joint, EITC_JOINT_PHASE_OUT_BONUS, 0)
     excess = np.maximum(np.maximum(agi, earned) - phase_out_start, 0)
     credit = np.maximum(phase_in - EITC_PHASE_OUT_RATE[kids] * excess, 0)
@@ -108,8 +114,8 @@ def earned_income_tax_credit(earned, agi, joint, children, investment_income, ag
 def read_tax_units(path: Path) -> pd.DataFrame:
     """The CPS tax units, only the columns the dataset uses; AGI components absent are skipped."""
     optional = {c.column for c in AGI_COMPONENTS}
-    units = pd.read_csv(path, usecols=lambda column: column in REQUIRED_COLUMNS)
-    missing = [c for c in REQUIRED_COLUMNS if c not in units.columns and c not in optional]
+    units = pd.read_csv(path, usecols=lambda column: column in SOURCE_COLUMNS)
+    missing = [c for c in SOURCE_COLUMNS if c not in units.columns and c not in optional]
     if missing:
         raise ValueError(f"{path.name} lacks the columns {missing}")
     return units
@@ -209,11 +215,14 @@ def make_persons(units: pd.DataFrame, rng) -> pd.DataFrame:
 # --- geography ----------------------------------------------------------------------------------
 
 
-def draw_within_groups(groups: np.ndarray, option_group: np.ndarray, option_share: np.ndarray, rng):
-    """For each row, the index of an option of its group drawn with probability by share.
+def draw_within_groups(
+    groups: np.ndarray, option_group: np.ndarray, option_share: np.ndarray, rng
+) -> np.ndarray:
+    """For each row, the index of an option of its group, drawn with probability by share.
 
     Options are sorted by group; each group's cumulative shares are shifted by the group number, so
-    one searchsorted over all rows draws them all.
+    one searchsorted over all rows draws them all. Within a group the pick is the first option whose
+    cumulative share exceeds u ~ U(0, 1): with options in value order, the u-quantile.
     """
     shares = option_share / pd.Series(option_share).groupby(option_group).transform("sum").to_numpy()
     cumulative = pd.Series(shares).groupby(option_group).cumsum().to_numpy()
@@ -222,7 +231,9 @@ def draw_within_groups(groups: np.ndarray, option_group: np.ndarray, option_shar
     return np.searchsorted(option_group + cumulative, groups + rng.random(len(groups)), side="right")
 
 
-def assign_geography(state_fips: np.ndarray, rng, raw_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+def assign_geography(
+    state_fips: np.ndarray, rng, raw_dir: Path | None
+) -> tuple[np.ndarray, np.ndarray]:
     """District within the state by population, then county within the district by share."""
     district_table = pd.DataFrame(districts(raw_dir), columns=["district", "state_fips", "number"])
     district_table["state_fips"] = district_table["state_fips"].astype(int)
@@ -244,7 +255,7 @@ def assign_geography(state_fips: np.ndarray, rng, raw_dir: Path | None) -> tuple
     )
     county_pick = draw_within_groups(
         district_pick,
-        np.searchsorted(district_table["district"].to_numpy(), county_table["district"].to_numpy()),
+        pd.Index(district_table["district"]).get_indexer(county_table["district"]),
         county_table["share"].to_numpy(),
         rng,
     )
@@ -254,27 +265,32 @@ def assign_geography(state_fips: np.ndarray, rng, raw_dir: Path | None) -> tuple
 # --- imputation ---------------------------------------------------------------------------------
 
 
-def impute_qrf(donors: pd.DataFrame, recipients: pd.DataFrame, variable: str, config, rng):
-    """Draw each recipient's value at a random quantile of the forest's conditional distribution."""
+def impute_qrf(
+    donors: pd.DataFrame, recipients: pd.DataFrame, variable: str, config: DatasetConfig, rng
+) -> np.ndarray:
+    """Each recipient's value at a random quantile u ~ U(0, 1) of the forest's conditional law.
+
+    The quantile is exact, not rounded to a grid: the forest's weights on the donors
+    (proximity_counts) give each recipient's distribution, and a grid would cut off the upper tail
+    that dominates the mean of sparse variables such as child care expenses.
+    """
     forest = RandomForestQuantileRegressor(
         n_estimators=config.qrf_trees,
         min_samples_leaf=QRF_MIN_SAMPLES_LEAF,
         random_state=config.seed,
         n_jobs=1,
     )
-    forest.fit(donors[list(QRF_PREDICTORS)].to_numpy(float), donors[variable].to_numpy(float))
-    predicted = forest.predict(
-        recipients[list(QRF_PREDICTORS)].to_numpy(float),
-        quantiles=list(QRF_QUANTILE_GRID),
-        interpolation="nearest",  # a value some donor really has
+    donor_values = donors[variable].to_numpy(float)
+    forest.fit(donors[list(QRF_PREDICTORS)].to_numpy(float), donor_values)
+    proximity = forest.proximity_counts(recipients[list(QRF_PREDICTORS)].to_numpy(float))
+    donor, count = np.concatenate([np.asarray(row) for row in proximity]).T
+    recipient = np.repeat(np.arange(len(recipients)), [len(row) for row in proximity])
+    value = donor_values[donor]
+    order = np.lexsort((donor, value, recipient))  # each recipient's donors in value order
+    pick = draw_within_groups(
+        np.arange(len(recipients)), recipient[order], count[order].astype(float), rng
     )
-    predicted = predicted.reshape(len(recipients), len(QRF_QUANTILE_GRID))
-    step = QRF_QUANTILE_GRID[1] - QRF_QUANTILE_GRID[0]
-    nearest = np.clip(
-        np.rint((rng.random(len(recipients)) - QRF_QUANTILE_GRID[0]) / step).astype(int),
-        0, len(QRF_QUANTILE_GRID) - 1,
-    )
-    return predicted[np.arange(len(recipients)), nearest]
+    return value[order][pick]
 
 
 # --- build --------------------------------------------------------------------------------------
@@ -312,17 +328,20 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
 
     sample["state_fips"] = sample.pop("fips")
     sample["state"] = sample["state_fips"].map(lambda fips: STATE_ABBREV_BY_FIPS[f"{fips:02d}"])
-    sample["district"], sample["county"] = assign_geography(sample["state_fips"].to_numpy(), rng, raw_dir)
+    sample["district"], sample["county"] = assign_geography(
+        sample["state_fips"].to_numpy(), rng, raw_dir
+    )
 
     outside = np.flatnonzero(~in_sample)
-    donors = all_units.iloc[np.sort(rng.choice(outside, min(config.qrf_donors, len(outside)), replace=False))]
+    donor_rows = rng.choice(outside, min(config.qrf_donors, len(outside)), replace=False)
+    donors = all_units.iloc[np.sort(donor_rows)]
     unit_weight = sample["weight"].to_numpy()[units["household_id"].to_numpy()]
     figures: dict[str, float | int] = {"donors": len(donors)}
     for variable in QRF_IMPUTED:
         units[f"{variable}_reported"] = units[variable]
         units[variable] = impute_qrf(donors, units, variable, config, rng)
-        figures[f"{variable}_reported_mean"] = float(np.average(units[f"{variable}_reported"], weights=unit_weight))
-        figures[f"{variable}_imputed_mean"] = float(np.average(units[variable], weights=unit_weight))
+        for kind, column in (("reported", f"{variable}_reported"), ("imputed", variable)):
+            figures[f"{variable}_{kind}_mean"] = float(np.average(units[column], weights=unit_weight))
 
     by_household = units.groupby("household_id")
     sample["n_persons"] = persons.groupby("household_id").size().to_numpy()
@@ -336,13 +355,13 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
 
     source_sha256 = sha256_file(source)
     with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w") as handle:
+        with open_for_write(tmp) as handle:
             handle.attrs["seed"] = config.seed
             handle.attrs["households"] = config.households
             handle.attrs["source"] = SOURCE_FILE
             handle.attrs["source_sha256"] = source_sha256
             for group, frame in (("household", sample), ("tax_unit", units), ("person", persons)):
-                write_frame(handle.create_group(group, track_order=True), frame)
+                write_frame(handle.create_group(group), frame)
 
     figures.update({
         "households": len(sample),
@@ -356,34 +375,8 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
     return StepResult(outputs={"dataset": out_path}, figures=figures)
 
 
-# --- HDF5 ---------------------------------------------------------------------------------------
-
-
-def column_array(values: pd.Series) -> np.ndarray:
-    """int64, float64 or fixed-length UTF-8 bytes: types every HDF5 reader understands."""
-    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_integer_dtype(values):
-        return values.to_numpy(np.int64)
-    if pd.api.types.is_float_dtype(values):
-        return values.to_numpy(np.float64)
-    return np.char.encode(values.to_numpy(str), "utf-8")
-
-
-def write_frame(group: h5py.Group, frame: pd.DataFrame) -> None:
-    # track_times=False: HDF5 would otherwise stamp each dataset and the bytes would vary by run.
-    for column in frame.columns:
-        group.create_dataset(column, data=column_array(frame[column]), track_times=False)
-
-
-def read_frame(group: h5py.Group) -> pd.DataFrame:
-    columns = {}
-    for name, dataset in group.items():
-        values = dataset[()]
-        columns[name] = np.char.decode(values, "utf-8") if values.dtype.kind == "S" else values
-    return pd.DataFrame(columns)
-
-
 def load_dataset(path: Path) -> Dataset:
-    """The three tables of a dataset file, strings decoded, columns in the order written."""
+    """The three tables of a dataset file, strings decoded."""
     with h5py.File(path, "r") as handle:
         return Dataset(
             households=read_frame(handle["household"]),

@@ -9,10 +9,9 @@ import csv
 import functools
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-RAW_INPUTS_PACKAGE = "pipeline_assets.data"
+PACKAGED_RAW_INPUTS = Path(__file__).resolve().parents[1] / "data" / "raw_inputs"
 
 # (FIPS, postal abbreviation, name) for the 50 states and DC; Puerto Rico (72) is outside the release.
 STATES: tuple[tuple[str, str, str], ...] = (
@@ -56,7 +55,7 @@ class RawInputMissing(FileNotFoundError):
 
 def raw_inputs_dir() -> Path:
     """The packaged raw inputs (shipped as package data; never downloaded at run time)."""
-    return Path(str(resources.files(RAW_INPUTS_PACKAGE) / "raw_inputs"))
+    return PACKAGED_RAW_INPUTS
 
 
 def raw_input(name: str, raw_dir: Path | None = None) -> Path:

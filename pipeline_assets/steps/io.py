@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 HASH_CHUNK_BYTES = 1 << 20
+PUBLISHED_MODE = 0o644
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -34,6 +35,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, PUBLISHED_MODE)  # mkstemp makes 0600; published files are world-readable
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

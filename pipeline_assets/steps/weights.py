@@ -25,6 +25,7 @@ def fit_l0(matrix, target_values, groups, init_weights, config: FitConfig) -> np
     """Run l0-python's SparseCalibrationWeights once over all epochs; return the deterministic weights."""
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
+    torch.sparse.check_sparse_tensor_invariants.disable()  # the matrix comes from scipy's CSR: valid
     model = SparseCalibrationWeights(
         n_features=matrix.shape[1],
         init_weights=init_weights,
@@ -66,11 +67,14 @@ def calibration_log(names, estimate, target, epoch: int, loss: float) -> pd.Data
 
 
 def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
-    """Fit weights over every clone of the package against the scope's targets; log before and after."""
+    """Fit weights over every clone against the scope's reachable targets; log before and after."""
     package = load_calibration_package(package_path)
-    rows = package.rows(SCOPE_LEVELS[config.scope])
+    scope_rows = package.rows(SCOPE_LEVELS[config.scope])
+    # A target no record can reach (an all-zero row) cannot be fitted; it is reported, not fitted.
+    reachable = np.diff(package.matrix.indptr)[scope_rows] > 0
+    rows = scope_rows[reachable]
     if len(rows) == 0:
-        raise ValueError(f"the calibration package has no {config.scope} targets to fit")
+        raise ValueError(f"the calibration package has no reachable {config.scope} targets to fit")
     matrix = package.matrix[rows]
     targets = package.targets.iloc[rows]
     target_values = targets["value"].to_numpy(float)
@@ -101,6 +105,7 @@ def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: 
         outputs={"weights": weights_path, "calibration_log": log_path},
         figures={
             "targets": int(len(rows)),
+            "unreachable_targets": int((~reachable).sum()),
             "columns": int(matrix.shape[1]),
             "epochs": config.epochs,
             "initial_mean_rel_abs_error": float(rel_before.mean()),

@@ -1,0 +1,82 @@
+"""Issue 2's bench: every step of a reference-scale release through the bare driver, and the fit
+step against l0-python called directly on the same matrix (ratio of medians)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.common import median_seconds, write_result
+from pipeline_assets import release
+from pipeline_assets.driver import run_release
+from pipeline_assets.identity import running_code_sha
+from pipeline_assets.steps.calibration import load_calibration_package
+from pipeline_assets.steps.config import config_for_scale
+from pipeline_assets.steps.weights import SCOPE_LEVELS, fit_l0, fit_weights
+from resources.git import CodeState
+from resources.run_store import LocalRunStore
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", default="reference")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    config = config_for_scale(args.scale)
+    sha = running_code_sha()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalRunStore(Path(tmp) / "store")
+        meta, results = run_release(store, config, CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None), running_sha=sha)
+        steps = {name: timing.duration_s for name, timing in meta.step_timings.items()}
+        package_path = release.artifact(store, meta.run_id, "calibration_package")
+        package = load_calibration_package(package_path)
+        fit = config.local_fit
+        rows = package.rows(SCOPE_LEVELS[fit.scope])
+        matrix = package.matrix[rows]
+        targets = package.targets.iloc[rows]
+        groups = pd.factorize(targets["group"])[0]
+        initial = package.columns["base_weight"].to_numpy(float)
+
+        step_median, step_samples = median_seconds(
+            lambda: fit_weights(package_path, Path(tmp) / "w.npy", Path(tmp) / "log.csv", fit), args.repeats
+        )
+        direct_median, direct_samples = median_seconds(
+            lambda: fit_l0(matrix, targets["value"].to_numpy(float), groups, initial, fit), args.repeats
+        )
+        fit_figures = results["state_weights"].figures
+    write_result(
+        f"foundation_{args.scale}",
+        {
+            "scale": args.scale,
+            "households": config.dataset.households,
+            "clones": config.calibration.clones,
+            "columns": int(matrix.shape[1]),
+            "targets_total": int(package.matrix.shape[0]),
+            "targets_local_fit": int(matrix.shape[0]),
+            "epochs": fit.epochs,
+            "step_seconds": steps,
+            "total_seconds": round(sum(steps.values()), 3),
+            "fit_step_vs_direct_l0": {
+                "step_median_s": step_median,
+                "direct_median_s": direct_median,
+                "ratio": step_median / direct_median,
+                "step_samples_s": step_samples,
+                "direct_samples_s": direct_samples,
+            },
+            "local_fit_error": {
+                "initial_mean_rel_abs_error": fit_figures["initial_mean_rel_abs_error"],
+                "final_mean_rel_abs_error": fit_figures["final_mean_rel_abs_error"],
+            },
+            "areas_built": len(results["local_areas"]),
+            "nonzero_weights": int(np.count_nonzero(np.load(release.artifact(store, meta.run_id, "state_weights")))),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

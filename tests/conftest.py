@@ -1,0 +1,21 @@
+"""Shared fixtures: one tiny release through the bare driver, reused by the tests that read it."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_assets.driver import run_release
+from pipeline_assets.steps.config import config_for_scale
+from resources.git import CodeState
+from resources.run_store import LocalRunStore
+
+PINNED_SHA = "a1b2c3d4" + "e" * 32
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    """(store, meta, step results) of one whole tiny release."""
+    store = LocalRunStore(tmp_path_factory.mktemp("store"))
+    code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
+    meta, results = run_release(store, config_for_scale("tiny"), code, running_sha=PINNED_SHA)
+    return store, meta, results

@@ -1,0 +1,135 @@
+"""A whole tiny release through the bare driver: the calibration package, the fits and the 489 files."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_assets import release
+from pipeline_assets.driver import run_release
+from pipeline_assets.identity import VersionSkewError
+from pipeline_assets.steps import geography
+from pipeline_assets.steps.calibration import household_feature, load_calibration_package
+from pipeline_assets.steps.config import config_for_scale
+from pipeline_assets.steps.datasets import load_dataset
+from pipeline_assets.steps.io import sha256_file
+from resources.git import CodeState
+from resources.run_store import LocalRunStore, RunStatus, RunStoreError
+
+STATE_POPULATION_TOLERANCE = 0.35  # tiny scale: 2,000 households spread over 488 areas
+
+
+def test_run_completes_with_every_step_timed(tiny_release):
+    store, meta, _ = tiny_release
+    assert meta.status is RunStatus.completed
+    assert list(meta.step_timings) == list(release.STEP_ORDER)
+    assert all(t.status == "succeeded" and t.duration_s >= 0 for t in meta.step_timings.values())
+    assert store.read_meta(meta.run_id).status is RunStatus.completed
+
+
+def test_matrix_shape_and_unweighted_sums(tiny_release):
+    store, meta, results = tiny_release
+    package = load_calibration_package(release.artifact(store, meta.run_id, "calibration_package"))
+    data = load_dataset(release.artifact(store, meta.run_id, "source_datasets"))
+    config = config_for_scale("tiny")
+    n_columns = len(data.households) * config.calibration.clones
+    assert package.matrix.shape == (results["policy_data_db"].figures["targets"], n_columns)
+    assert package.columns["district"].nunique() == 436  # every district has records
+
+    # X @ 1 is, per target, the unweighted sum over the clones inside the target's geography.
+    sums = package.matrix @ np.ones(n_columns)
+    rng = np.random.default_rng(0)
+    for row in rng.choice(len(package.targets), size=40, replace=False):
+        target = package.targets.iloc[row]
+        feature = household_feature(data, target["variable"], target["stratum"])
+        columns = package.columns
+        inside = {
+            "national": np.ones(len(columns), dtype=bool),
+            "state": (columns["state"] == target["geo_id"]).to_numpy(),
+            "district": (columns["district"] == target["geo_id"]).to_numpy(),
+        }[target["level"]]
+        expected = feature[columns["household_index"].to_numpy()[inside]].sum()
+        assert sums[row] == pytest.approx(expected), target["name"]
+
+
+@pytest.mark.parametrize("step", ["state_weights", "national_weights"])
+def test_fit_halves_the_mean_relative_error(tiny_release, step):
+    figures = tiny_release[2][step].figures
+    assert figures["final_mean_rel_abs_error"] <= 0.5 * figures["initial_mean_rel_abs_error"]
+
+
+def test_calibration_log_columns(tiny_release):
+    store, meta, _ = tiny_release
+    log = pd.read_csv(store.path(store.run_key(meta.run_id, "diagnostics/calibration_log.csv")))
+    for column in ["target", "estimate", "target_value", "error", "rel_error", "abs_error", "rel_abs_error", "epoch", "loss"]:
+        assert column in log.columns
+    assert set(log["epoch"]) == {0, config_for_scale("tiny").local_fit.epochs}
+    assert np.allclose(log["error"], log["estimate"] - log["target_value"])
+
+
+def test_exactly_488_areas_plus_national_with_the_right_names(tiny_release):
+    store, meta, results = tiny_release
+    h5_root = store.path(store.run_key(meta.run_id, release.H5_ROOT))
+    files = sorted(str(p.relative_to(h5_root)) for p in h5_root.rglob("*.h5"))
+    assert len(files) == 489
+    assert sum(f.startswith("states/") for f in files) == 51
+    assert sum(f.startswith("districts/") for f in files) == 436
+    assert [f for f in files if f.startswith(("cities/", "national/"))] == ["cities/NYC.h5", "national/US.h5"]
+    for name in ["states/AL.h5", "states/DC.h5", "districts/AL-01.h5", "districts/DC-01.h5", "districts/AK-01.h5", "districts/CA-52.h5"]:
+        assert name in files
+    by_code = {r.area: r for r in results["local_areas"]}
+    for result in results["local_areas"]:
+        assert sha256_file(h5_root / result.relpath) == result.sha256
+    with h5py.File(h5_root / "cities/NYC.h5") as h5:
+        counties = set(h5["household/county"][()].astype(str))
+        assert counties <= set(geography.NYC_COUNTIES.values()) and counties
+        assert (h5["household/weight"][()] > 0).all()
+    assert by_code["NYC"].households > 0
+
+
+def test_each_state_population_is_near_its_target(tiny_release):
+    store, meta, results = tiny_release
+    package = load_calibration_package(release.artifact(store, meta.run_id, "calibration_package"))
+    targets = package.targets
+    totals = targets[(targets["level"] == "state") & (targets["variable"] == "person_count") & (targets["stratum"] == "all")]
+    target_by_state = dict(zip(totals["geo_id"], totals["value"]))
+    states = [r for r in results["local_areas"] if r.kind == "state"]
+    assert len(states) == 51
+    errors = {r.area: abs(r.population / target_by_state[r.area] - 1) for r in states}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= STATE_POPULATION_TOLERANCE, (worst, errors[worst])
+
+
+def test_area_file_holds_households_people_and_weights(tiny_release):
+    store, meta, results = tiny_release
+    result = next(r for r in results["local_areas"] if r.area == "AL")
+    with h5py.File(store.path(store.run_key(meta.run_id, f"{release.H5_ROOT}/states/AL.h5"))) as h5:
+        weights = h5["household/weight"][()]
+        assert len(weights) == result.households and weights.sum() == pytest.approx(result.weight_sum)
+        assert set(h5["household/state"][()].astype(str)) == {"AL"}
+        assert set(h5["person/household_id"][()]) <= set(h5["household/household_id"][()])
+
+
+def test_diagnostics_validate_every_area_with_targets(tiny_release):
+    store, meta, _ = tiny_release
+    validation = pd.read_csv(store.path(store.run_key(meta.run_id, "diagnostics/validation.csv")))
+    assert validation["area"].nunique() == 1 + 51 + 436
+    assert store.exists(store.run_key(meta.run_id, "diagnostics/run_config.json"))
+
+
+def test_completed_run_refuses_to_rebuild_an_area(tiny_release):
+    store, meta, _ = tiny_release
+    with pytest.raises(RunStoreError, match="append-only"):
+        release.run_local_areas(store, meta.run_id, pool=None, area_codes={"AL"})
+
+
+def test_skewed_code_is_refused_and_the_run_marked_failed(tmp_path):
+    store = LocalRunStore(tmp_path)
+    code = CodeState(sha="1" * 40, branch="main", dirty=False, diff_sha256=None)
+    with pytest.raises(VersionSkewError, match="1111111111111111111111111111111111111111"):
+        run_release(store, config_for_scale("tiny"), code, running_sha="2" * 40)
+    # Nothing ran: the guard stops the first step before it starts.
+    (meta,) = store.list_runs()
+    assert meta.status is RunStatus.running and meta.step_timings == {}
