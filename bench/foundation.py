@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bench.common import median_seconds, write_result
-from pipeline_assets import release
+from pipeline_assets import stages
 from pipeline_assets.driver import run_release
 from pipeline_assets.identity import running_code_sha
 from pipeline_assets.steps.calibration import load_calibration_package
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         store = LocalRunStore(Path(tmp) / "store")
         meta, results = run_release(store, config, CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None), running_sha=sha)
         steps = {name: timing.duration_s for name, timing in meta.step_timings.items()}
-        package_path = release.artifact(store, meta.run_id, "calibration_package")
+        package_path = stages.artifact(store, meta.run_id, "calibration_package")
         package = load_calibration_package(package_path)
         fit = config.local_fit
         rows = package.rows(SCOPE_LEVELS[fit.scope])
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             lambda: fit_l0(matrix, targets["value"].to_numpy(float), groups, initial, fit), args.repeats
         )
         fit_figures = results["state_weights"].figures
+        nonzero = int(np.count_nonzero(np.load(stages.artifact(store, meta.run_id, "state_weights"))))
     write_result(
         f"foundation_{args.scale}",
         {
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                 "final_mean_rel_abs_error": fit_figures["final_mean_rel_abs_error"],
             },
             "areas_built": len(results["local_areas"]),
-            "nonzero_weights": int(np.count_nonzero(np.load(release.artifact(store, meta.run_id, "state_weights")))),
+            "nonzero_weights": nonzero,
         },
     )
 

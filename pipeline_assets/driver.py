@@ -10,14 +10,14 @@ import json
 from datetime import datetime
 from typing import Callable
 
-from pipeline_assets import release
+from pipeline_assets import stages
 from pipeline_assets.identity import ensure_no_skew, make_run_id, package_version, running_code_sha
 from pipeline_assets.steps.config import RunConfig
 from resources.compute import LocalPool
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
 
-AREAS_MANIFEST = f"{release.H5_ROOT}/areas.json"
+AREAS_MANIFEST = f"{stages.H5_ROOT}/areas.json"
 
 
 def start_run(
@@ -47,8 +47,9 @@ def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], ob
     except Exception as exc:
         def fail(m: RunMeta) -> None:
             m.step_ended(step, "failed")
-            m.error = RunError(step=step, message=f"{type(exc).__name__}: {exc}".splitlines()[0])
-            m.transition(RunStatus.failed)
+            m.error = m.error or RunError(step=step, message=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            if m.status is RunStatus.running:  # a parallel step may have failed first
+                m.transition(RunStatus.failed)
 
         store.update_meta(run_id, fail)
         raise
@@ -69,16 +70,16 @@ def run_release(
     meta = start_run(store, config, code)
     run_id = meta.run_id
     steps: dict[str, Callable[[], object]] = {
-        "policy_data_db": lambda: release.run_database(store, run_id, config),
-        "source_datasets": lambda: release.run_datasets(store, run_id, config),
-        "calibration_package": lambda: release.run_calibration_package(store, run_id, config),
-        "state_weights": lambda: release.run_fit(store, run_id, config, "state_weights"),
-        "national_weights": lambda: release.run_fit(store, run_id, config, "national_weights"),
-        "local_areas": lambda: release.run_local_areas(store, run_id, pool),
-        "run_diagnostics": lambda: release.run_diagnostics(store, run_id, config),
+        "policy_data_db": lambda: stages.run_database(store, run_id, config),
+        "source_datasets": lambda: stages.run_datasets(store, run_id, config),
+        "calibration_package": lambda: stages.run_calibration_package(store, run_id, config),
+        "state_weights": lambda: stages.run_fit(store, run_id, config, "state_weights"),
+        "national_weights": lambda: stages.run_fit(store, run_id, config, "national_weights"),
+        "local_areas": lambda: stages.run_local_areas(store, run_id, pool),
+        "run_diagnostics": lambda: stages.run_diagnostics(store, run_id, config),
     }
     results: dict[str, object] = {}
-    for step in release.STEP_ORDER:
+    for step in stages.STEP_ORDER:
         results[step] = run_step(store, run_id, step, steps[step], running_sha)
     areas = [area.model_dump() for area in results["local_areas"]]
     store.write_run_file(run_id, AREAS_MANIFEST, json.dumps(areas, indent=2).encode())

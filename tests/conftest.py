@@ -14,7 +14,7 @@ PINNED_SHA = "a1b2c3d4" + "e" * 32
 
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory):
-    """(store, meta, step results) of one whole tiny release."""
+    """(store, meta, step results) of one whole tiny stages."""
     store = LocalRunStore(tmp_path_factory.mktemp("store"))
     code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
     meta, results = run_release(store, config_for_scale("tiny"), code, running_sha=PINNED_SHA)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_assets import release
+from pipeline_assets import stages
 from pipeline_assets.driver import run_release
 from pipeline_assets.identity import VersionSkewError
 from pipeline_assets.steps import geography
@@ -24,15 +24,15 @@ STATE_POPULATION_TOLERANCE = 0.35  # tiny scale: 2,000 households spread over 48
 def test_run_completes_with_every_step_timed(tiny_release):
     store, meta, _ = tiny_release
     assert meta.status is RunStatus.completed
-    assert list(meta.step_timings) == list(release.STEP_ORDER)
+    assert list(meta.step_timings) == list(stages.STEP_ORDER)
     assert all(t.status == "succeeded" and t.duration_s >= 0 for t in meta.step_timings.values())
     assert store.read_meta(meta.run_id).status is RunStatus.completed
 
 
 def test_matrix_shape_and_unweighted_sums(tiny_release):
     store, meta, results = tiny_release
-    package = load_calibration_package(release.artifact(store, meta.run_id, "calibration_package"))
-    data = load_dataset(release.artifact(store, meta.run_id, "source_datasets"))
+    package = load_calibration_package(stages.artifact(store, meta.run_id, "calibration_package"))
+    data = load_dataset(stages.artifact(store, meta.run_id, "source_datasets"))
     config = config_for_scale("tiny")
     n_columns = len(data.households) * config.calibration.clones
     assert package.matrix.shape == (results["policy_data_db"].figures["targets"], n_columns)
@@ -71,7 +71,7 @@ def test_calibration_log_columns(tiny_release):
 
 def test_exactly_488_areas_plus_national_with_the_right_names(tiny_release):
     store, meta, results = tiny_release
-    h5_root = store.path(store.run_key(meta.run_id, release.H5_ROOT))
+    h5_root = store.path(store.run_key(meta.run_id, stages.H5_ROOT))
     files = sorted(str(p.relative_to(h5_root)) for p in h5_root.rglob("*.h5"))
     assert len(files) == 489
     assert sum(f.startswith("states/") for f in files) == 51
@@ -91,7 +91,7 @@ def test_exactly_488_areas_plus_national_with_the_right_names(tiny_release):
 
 def test_each_state_population_is_near_its_target(tiny_release):
     store, meta, results = tiny_release
-    package = load_calibration_package(release.artifact(store, meta.run_id, "calibration_package"))
+    package = load_calibration_package(stages.artifact(store, meta.run_id, "calibration_package"))
     targets = package.targets
     totals = targets[(targets["level"] == "state") & (targets["variable"] == "person_count") & (targets["stratum"] == "all")]
     target_by_state = dict(zip(totals["geo_id"], totals["value"]))
@@ -105,7 +105,7 @@ def test_each_state_population_is_near_its_target(tiny_release):
 def test_area_file_holds_households_people_and_weights(tiny_release):
     store, meta, results = tiny_release
     result = next(r for r in results["local_areas"] if r.area == "AL")
-    with h5py.File(store.path(store.run_key(meta.run_id, f"{release.H5_ROOT}/states/AL.h5"))) as h5:
+    with h5py.File(store.path(store.run_key(meta.run_id, f"{stages.H5_ROOT}/states/AL.h5"))) as h5:
         weights = h5["household/weight"][()]
         assert len(weights) == result.households and weights.sum() == pytest.approx(result.weight_sum)
         assert set(h5["household/state"][()].astype(str)) == {"AL"}
@@ -122,7 +122,7 @@ def test_diagnostics_validate_every_area_with_targets(tiny_release):
 def test_completed_run_refuses_to_rebuild_an_area(tiny_release):
     store, meta, _ = tiny_release
     with pytest.raises(RunStoreError, match="append-only"):
-        release.run_local_areas(store, meta.run_id, pool=None, area_codes={"AL"})
+        stages.run_local_areas(store, meta.run_id, pool=None, area_codes={"AL"})
 
 
 def test_skewed_code_is_refused_and_the_run_marked_failed(tmp_path):

@@ -57,6 +57,13 @@ class AreaConfig(StepConfig):
     workers: int = Field(2, ge=1)
 
 
+class QualityConfig(StepConfig):
+    """Thresholds of the blocking calibration-quality checks on both fits."""
+
+    max_mean_rel_abs_error: float = Field(0.5, gt=0)
+    max_max_rel_abs_error: float = Field(10.0, gt=0)
+
+
 class RunConfig(StepConfig):
     """Everything a release run is made from."""
 
@@ -68,6 +75,7 @@ class RunConfig(StepConfig):
     local_fit: FitConfig = FitConfig(scope="local")
     national_fit: FitConfig = FitConfig(scope="national")
     areas: AreaConfig = AreaConfig()
+    quality: QualityConfig = QualityConfig()
 
 
 SCALES: dict[str, dict] = {

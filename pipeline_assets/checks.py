@@ -1,0 +1,171 @@
+"""Asset checks: artifact hashes re-verified, 488 areas plus national present, calibration quality
+(blocking, so a bad fit never reaches the area files), and one git SHA across a run's assets."""
+
+
+from pathlib import Path
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    AssetRecordsFilter,
+    asset_check,
+    multi_asset_check,
+)
+
+from pipeline_assets import stages
+from pipeline_assets.local_areas import AREA_KEYS, NATIONAL_KEY
+from pipeline_assets.steps import geography
+from pipeline_assets.steps.config import RunConfig
+from pipeline_assets.steps.io import sha256_file
+from resources.dagster_resources import RunStoreResource
+
+STAGE_ASSETS = ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics")
+WEIGHT_ASSETS = ("state_weights", "national_weights")
+
+
+def latest_metadata(context: AssetCheckExecutionContext, key: AssetKey) -> dict | None:
+    """The metadata of the partition's latest materialization of `key`, as plain values."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records:
+        return None
+    metadata = records[0].asset_materialization.metadata
+    return {name: getattr(value, "value", value) for name, value in metadata.items()}
+
+
+def recorded_files(metadata: dict) -> dict[str, str]:
+    """path -> sha256 of every file a materialization recorded."""
+    files = {str(metadata["path"]): metadata["sha256"]}
+    for entry in (metadata.get("files") or {}).values():
+        files[entry["path"]] = entry["sha256"]
+    return files
+
+
+def hash_mismatches(files: dict[str, str]) -> list[str]:
+    problems = []
+    for path, expected in sorted(files.items()):
+        if not Path(path).is_file():
+            problems.append(f"{path}: missing")
+        elif (found := sha256_file(path)) != expected:
+            problems.append(f"{path}: expected {expected}, found {found}")
+    return problems
+
+
+def verify_hashes(context: AssetCheckExecutionContext, key: AssetKey) -> AssetCheckResult:
+    metadata = latest_metadata(context, key)
+    if metadata is None:
+        return AssetCheckResult(asset_key=key, check_name="sha256_verified", passed=False, description="not materialized")
+    problems = hash_mismatches(recorded_files(metadata))
+    return AssetCheckResult(
+        asset_key=key,
+        check_name="sha256_verified",
+        passed=not problems,
+        metadata={"files_checked": len(recorded_files(metadata)), "mismatches": "\n".join(problems) or "none"},
+    )
+
+
+def hash_check(name: str):
+    @asset_check(asset=AssetKey(name), name="sha256_verified", blocking=True, description="Re-hash the files against the recorded sha256.")
+    def check(context: AssetCheckExecutionContext) -> AssetCheckResult:
+        return verify_hashes(context, AssetKey(name))
+
+    check.__name__ = f"{name}_sha256_verified"
+    return check
+
+
+def quality_checks(name: str):
+    specs = [
+        AssetCheckSpec("sha256_verified", asset=name, blocking=True),
+        AssetCheckSpec("calibration_quality", asset=name, blocking=True,
+                       description="Mean and max rel_abs_error of the fit within the run's thresholds."),
+    ]
+
+    @multi_asset_check(specs=specs, name=f"{name}_checks", required_resource_keys={"run_store"})
+    def checks(context: AssetCheckExecutionContext):
+        key = AssetKey(name)
+        yield verify_hashes(context, key)
+        metadata = latest_metadata(context, key) or {}
+        quality = RunConfig.model_validate(
+            context.resources.run_store.store().read_meta(context.partition_key).config
+        ).quality
+        mean, worst = metadata.get("final_mean_rel_abs_error"), metadata.get("final_max_rel_abs_error")
+        passed = (
+            mean is not None and worst is not None
+            and mean <= quality.max_mean_rel_abs_error and worst <= quality.max_max_rel_abs_error
+        )
+        yield AssetCheckResult(
+            asset_key=key,
+            check_name="calibration_quality",
+            passed=bool(passed),
+            severity=AssetCheckSeverity.ERROR,
+            metadata={
+                "final_mean_rel_abs_error": float("nan") if mean is None else float(mean),
+                "final_max_rel_abs_error": float("nan") if worst is None else float(worst),
+                "max_mean_rel_abs_error": quality.max_mean_rel_abs_error,
+                "max_max_rel_abs_error": quality.max_max_rel_abs_error,
+            },
+        )
+
+    return checks
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec("all_areas_present", asset=NATIONAL_KEY,
+                       description=f"Exactly {geography.AREA_COUNT} area files plus national, each hash verified."),
+        AssetCheckSpec("no_version_skew", asset=NATIONAL_KEY,
+                       description="Every asset of the run was materialized at the run's pinned SHA."),
+    ],
+    required_resource_keys={"run_store"},
+)
+def release_integrity(context: AssetCheckExecutionContext):
+    store = context.resources.run_store.store()
+    run_id = context.partition_key
+    h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
+    expected = {area.relpath for area in (*geography.areas(), geography.NATIONAL)}
+    found = {str(p.relative_to(h5_root)) for p in h5_root.rglob("*.h5")} if h5_root.is_dir() else set()
+    area_files = {}
+    for key in AREA_KEYS:
+        metadata = latest_metadata(context, key)
+        if metadata is not None:
+            area_files.update(recorded_files(metadata))
+    problems = hash_mismatches(area_files)
+    yield AssetCheckResult(
+        asset_key=NATIONAL_KEY,
+        check_name="all_areas_present",
+        passed=found == expected and len(area_files) == len(expected) and not problems,
+        metadata={
+            "areas_found": len(found - {geography.NATIONAL.relpath}),
+            "missing": ", ".join(sorted(expected - found)) or "none",
+            "unexpected": ", ".join(sorted(found - expected)) or "none",
+            "hash_mismatches": "\n".join(problems) or "none",
+        },
+    )
+    pinned = store.read_meta(run_id).sha
+    shas = {}
+    for key in [AssetKey(name) for name in STAGE_ASSETS[:-1]] + list(AREA_KEYS):
+        metadata = latest_metadata(context, key)
+        if metadata is not None:
+            shas.setdefault(metadata.get("git_sha"), []).append(key.to_user_string())
+    skewed = {sha: keys for sha, keys in shas.items() if sha != pinned}
+    yield AssetCheckResult(
+        asset_key=NATIONAL_KEY,
+        check_name="no_version_skew",
+        passed=not skewed,
+        metadata={
+            "pinned_sha": pinned,
+            "shas_seen": len(shas),
+            "skewed": "; ".join(f"{sha}: {', '.join(keys[:5])}" for sha, keys in skewed.items()) or "none",
+        },
+    )
+
+
+ALL_CHECKS = [
+    *(hash_check(name) for name in STAGE_ASSETS if name not in WEIGHT_ASSETS),
+    *(quality_checks(name) for name in WEIGHT_ASSETS),
+    release_integrity,
+]

@@ -1,0 +1,158 @@
+"""usdata-pipeline: run a release through Dagster, and see where runs stand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline_assets.identity import InvalidRunId, SOURCE_ROOT, VersionSkewError, parse_run_id, running_code_sha
+from pipeline_assets.steps.config import SCALES, config_for_scale
+from resources.git import GitError, code_state
+from resources.run_store import LocalRunStore, RunMeta, RunStoreError
+
+USER_ERRORS = (InvalidRunId, VersionSkewError, GitError, RunStoreError, ValueError)
+
+
+class CliError(Exception):
+    """A one-line message for the user; exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; one line is enough
+        raise CliError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="usdata-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    run = commands.add_parser("run", help="run a whole release for one pinned SHA")
+    run.add_argument("--branch", help="branch (or tag) to pin; default: the checkout's HEAD")
+    run.add_argument("--sha", help="full or short SHA to pin (instead of --branch)")
+    run.add_argument("--scale", choices=list(SCALES), default="small")
+    run.add_argument("--epochs", type=_positive_int, help="epochs of both fits (default: the scale's)")
+    run.add_argument("--workers", type=_positive_int, help="local area workers (default 2)")
+    database = run.add_mutually_exclusive_group()
+    database.add_argument("--build-database", dest="build_database", action="store_true", default=True)
+    database.add_argument("--reuse-database", dest="build_database", action="store_false",
+                          help="take policy_data.db from the newest completed run instead of building it")
+
+    status = commands.add_parser("status", help="a table of runs, or one run's steps")
+    status.add_argument("run_id", nargs="?")
+    return parser
+
+
+def _report(step: str, status: str, duration: float | None) -> None:
+    mark = {"running": "..", "succeeded": "ok", "failed": "FAILED"}.get(status, status)
+    timing = f" ({duration:.1f} s)" if duration is not None else ""
+    print(f"  [{mark}] {step}{timing}", flush=True)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from pipeline_assets.launch import dagster_home, launch_release
+    from dagster import DagsterInstance
+
+    if args.branch and args.sha:
+        raise CliError("give --branch or --sha, not both")
+    code = code_state(SOURCE_ROOT, args.sha or args.branch)
+    running = running_code_sha()
+    if code.sha != running:
+        raise CliError(f"cannot run {code.sha}: the installed code is at {running}; check out {code.sha[:8]} first")
+    overrides: dict = {"build_database": args.build_database}
+    if args.epochs:
+        overrides |= {"local_fit": {"epochs": args.epochs}, "national_fit": {"epochs": args.epochs}}
+    if args.workers:
+        overrides["areas"] = {"workers": args.workers}
+    config = config_for_scale(args.scale, **overrides)
+    store = LocalRunStore()
+    home = dagster_home()
+    print(f"pinned {code.sha} ({code.branch or 'detached'}{', dirty' if code.dirty else ''}); scale {args.scale}")
+    with DagsterInstance.get() as instance:
+        outcome = launch_release(store, instance, config, code, report=_report)
+        fits = fit_summary(instance, outcome.meta.run_id)
+    print_summary(store, outcome.meta, home, fits, outcome.failed_checks)
+    return 0 if outcome.meta.status.value == "completed" else 1
+
+
+def fit_summary(instance, run_id: str) -> dict[str, tuple[float, float]]:
+    from dagster import AssetKey, AssetRecordsFilter
+
+    out = {}
+    for name in ("state_weights", "national_weights"):
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(name), asset_partitions=[run_id]), limit=1
+        ).records
+        if records:
+            md = records[0].asset_materialization.metadata
+            out[name] = (md["initial_mean_rel_abs_error"].value, md["final_mean_rel_abs_error"].value)
+    return out
+
+
+def print_summary(store: LocalRunStore, meta: RunMeta, home: Path, fits: dict, failed_checks: list[str]) -> None:
+    run_dir = store.path(store.run_key(meta.run_id))
+    print(f"\nrun_id      {meta.run_id}")
+    print(f"status      {meta.status.value}" + (f" ({meta.error.step}: {meta.error.message})" if meta.error else ""))
+    print(f"run files   {run_dir}")
+    print(f"area files  {run_dir / 'h5s'}  (states/, districts/, cities/, national/)")
+    print(f"diagnostics {run_dir / 'diagnostics'}")
+    for name, (before, after) in fits.items():
+        print(f"{name:<15} mean rel_abs_error {before:.4f} -> {after:.4f}")
+    if failed_checks:
+        print(f"failed checks: {', '.join(failed_checks)}")
+    print(f"Dagster UI  make ui  (DAGSTER_HOME={home}), then open http://127.0.0.1:3000")
+
+
+def _duration(meta: RunMeta) -> str:
+    ended = [t.ended_at for t in meta.step_timings.values() if t.ended_at]
+    return f"{(max(ended) - meta.created_at).total_seconds():.0f}s" if ended else "-"
+
+
+def command_status(args: argparse.Namespace) -> int:
+    store = LocalRunStore()
+    if args.run_id:
+        parse_run_id(args.run_id)
+        meta = store.read_meta(args.run_id)
+        print(f"{meta.run_id}  {meta.status.value}  sha {meta.sha}  branch {meta.branch or '-'}")
+        if meta.error:
+            print(f"error in {meta.error.step}: {meta.error.message}")
+        print(f"{'step':<22}{'status':<11}{'started':<21}{'duration':>9}")
+        for step, t in meta.step_timings.items():
+            duration = f"{t.duration_s:.1f}s" if t.duration_s is not None else "-"
+            print(f"{step:<22}{t.status:<11}{t.started_at:%Y-%m-%d %H:%M:%S}  {duration:>9}")
+        return 0
+    runs = store.list_runs()
+    if not runs:
+        print(f"no runs in {store.root}")
+        return 0
+    print(f"{'run_id':<36}{'status':<11}{'sha':<10}{'started':<21}{'duration':>9}  steps")
+    for meta in runs:
+        done = sum(t.status == "succeeded" for t in meta.step_timings.values())
+        print(f"{meta.run_id:<36}{meta.status.value:<11}{meta.sha[:8]:<10}{meta.created_at:%Y-%m-%d %H:%M:%S}  {_duration(meta):>9}  {done}/7")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"run": command_run, "status": command_status}[args.command](args)
+    except CliError as exc:
+        print(f"usdata-pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as exc:
+        print(f"usdata-pipeline: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The release job: the whole graph for one run_id partition, on the multiprocess executor."""
+
+from dagster import AssetSelection, define_asset_job, multiprocess_executor
+
+
+RELEASE_JOB = "release"
+
+# forkserver: each step process starts from a warm server instead of a cold interpreter.
+release_executor = multiprocess_executor.configured({"start_method": {"forkserver": {}}, "max_concurrent": 2})
+
+release_job = define_asset_job(
+    RELEASE_JOB,
+    selection=AssetSelection.all(),
+    executor_def=release_executor,
+    description="One whole release: database, datasets, calibration, both fits, 489 area files, diagnostics.",
+)

@@ -1,0 +1,112 @@
+"""Launch one release through Dagster: register the run_id partition, execute the job, settle meta.json."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
+
+from pipeline_assets.driver import start_run
+from pipeline_assets.partitions import RUN_IDS
+from pipeline_assets.steps.config import RunConfig
+from resources.git import CodeState
+from resources.run_store import STORE_VARIABLE, LocalRunStore, RunError, RunMeta, RunStatus
+
+DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
+DEFAULT_DAGSTER_HOME = ".dagster"
+# Step progress is printed from meta.json; Dagster's own console log stays at warnings (the UI has all).
+QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def dagster_home() -> Path:
+    """$DAGSTER_HOME, defaulting to ./.dagster (created), exported so step processes agree."""
+    home = Path(os.environ.get(DAGSTER_HOME_VARIABLE) or DEFAULT_DAGSTER_HOME).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ[DAGSTER_HOME_VARIABLE] = str(home)
+    return home
+
+
+def release_job():
+    """Module-level so `reconstructable` can rebuild the job in each step process."""
+    from pipeline_assets.definitions import defs
+
+    return defs.resolve_job_def("release")
+
+
+@dataclass
+class LaunchOutcome:
+    meta: RunMeta
+    success: bool
+    dagster_run_id: str
+    failed_checks: list[str]
+
+
+def _watch_steps(store: LocalRunStore, run_id: str, report: Callable[[str, str, float | None], None], done: threading.Event):
+    seen: dict[str, str] = {}
+    while True:
+        finished = done.wait(0.5)
+        try:
+            timings = store.read_meta(run_id).step_timings
+        except Exception:  # meta.json is being replaced; read again next tick
+            continue
+        for step, timing in timings.items():
+            if seen.get(step) != timing.status:
+                seen[step] = timing.status
+                report(step, timing.status, timing.duration_s)
+        if finished:
+            return
+
+
+def launch_release(
+    store: LocalRunStore,
+    instance: DagsterInstance,
+    config: RunConfig,
+    code: CodeState,
+    report: Callable[[str, str, float | None], None] = lambda *_: None,
+) -> LaunchOutcome:
+    """Create the run, execute the release job for its partition, and leave meta.json settled."""
+    os.environ[STORE_VARIABLE] = str(store.root)
+    meta = start_run(store, config, code)
+    run_id = meta.run_id
+    instance.add_dynamic_partitions(RUN_IDS, [run_id])
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_steps, args=(store, run_id, report, done), daemon=True)
+    watcher.start()
+    try:
+        with execute_job(
+            reconstructable(release_job),
+            instance=instance,
+            run_config=QUIET_CONSOLE,
+            tags={"dagster/partition": run_id, "git_sha": code.sha, "branch": code.branch or ""},
+        ) as result:
+            success = result.success
+            dagster_run_id = result.run_id
+            failed_checks = [
+                f"{e.asset_check_evaluation_data.asset_key.to_user_string()}:{e.asset_check_evaluation_data.check_name}"
+                for e in result.all_events
+                if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION and not e.asset_check_evaluation_data.passed
+            ]
+    finally:
+        done.set()
+        watcher.join()
+    return LaunchOutcome(settle_run(store, run_id, success, failed_checks), success, dagster_run_id, failed_checks)
+
+
+def settle_run(store: LocalRunStore, run_id: str, success: bool, failed_checks: list[str]) -> RunMeta:
+    """completed when every step and check passed; otherwise failed, naming what failed."""
+
+    def settle(meta: RunMeta) -> None:
+        if meta.status is not RunStatus.running:
+            return
+        if success and not failed_checks:
+            meta.transition(RunStatus.completed)
+            return
+        if meta.error is None:
+            meta.error = RunError(step="checks", message=f"failed checks: {', '.join(failed_checks) or 'see the Dagster run'}")
+        meta.transition(RunStatus.failed)
+
+    return store.update_meta(run_id, settle)

@@ -1,0 +1,86 @@
+"""The 488 local-area files plus national_h5: one subsettable multi-asset step over the worker pool.
+
+Not one Dagster step per area: per-step overhead is about a second here, and run_id x area
+multi-partitions would hit Dagster's partition limits within a few hundred runs.
+"""
+
+
+from typing import Iterator
+
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, multi_asset
+
+from pipeline_assets import stages
+from pipeline_assets.code_versions import code_version
+from pipeline_assets.driver import run_step
+from pipeline_assets.identity import running_code_sha
+from pipeline_assets.materialize import environment_metadata, file_metadata, run_metadata
+from pipeline_assets.partitions import run_ids
+from pipeline_assets.steps import geography, h5io
+from pipeline_assets.steps import local_areas as local_areas_step
+from pipeline_assets.steps.local_areas import AreaResult
+from resources.dagster_resources import ComputeResource, RunStoreResource, RuntimeResource
+
+AREA_GROUPS = {"state": "states", "district": "districts", "city": "cities"}
+NATIONAL_KEY = AssetKey("national_h5")
+AREA_DEPS = [AssetKey(name) for name in ("source_datasets", "calibration_package", "state_weights", "national_weights")]
+
+
+def area_key(area: geography.Area) -> AssetKey:
+    if area.kind == "national":
+        return NATIONAL_KEY
+    return AssetKey([AREA_GROUPS[area.kind], area.code.replace("-", "_")])
+
+
+ALL_AREAS = (*geography.areas(), geography.NATIONAL)
+AREA_BY_KEY = {area_key(area): area for area in ALL_AREAS}
+KEY_BY_CODE = {area.code: key for key, area in AREA_BY_KEY.items()}
+AREA_KEYS = tuple(AREA_BY_KEY)
+
+
+def _spec(area: geography.Area) -> AssetSpec:
+    return AssetSpec(
+        area_key(area),
+        group_name=AREA_GROUPS.get(area.kind, "release"),
+        deps=AREA_DEPS,
+        kinds={"hdf5"},
+        description=f"{area.kind} file {area.relpath}",
+        skippable=True,
+    )
+
+
+@multi_asset(
+    name="local_areas",
+    specs=[_spec(area) for area in ALL_AREAS],
+    partitions_def=run_ids,
+    can_subset=True,
+    code_version=code_version(local_areas_step, h5io),
+)
+def local_areas(
+    context: AssetExecutionContext,
+    run_store: RunStoreResource,
+    compute: ComputeResource,
+    runtime: RuntimeResource,
+) -> Iterator[MaterializeResult]:
+    """Build the selected area files (all 489 by default) on the compute pool."""
+    store = run_store.store()
+    run_id = context.partition_key
+    meta = store.read_meta(run_id)
+    codes = {AREA_BY_KEY[key].code for key in context.selected_asset_keys}
+    results: list[AreaResult] = run_step(
+        store, run_id, "local_areas",
+        lambda: stages.run_local_areas(store, run_id, compute.pool(), codes),
+        running_code_sha(),
+    )
+    shared = {**run_metadata(meta), **environment_metadata(runtime.capture())}
+    h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
+    for result in results:
+        yield MaterializeResult(
+            asset_key=KEY_BY_CODE[result.area],
+            metadata={
+                **shared,
+                **file_metadata(h5_root / result.relpath, result.sha256),
+                "households": result.households,
+                "weight_sum": result.weight_sum,
+                "population": result.population,
+            },
+        )
