@@ -59,6 +59,9 @@ def stage_metadata(meta: RunMeta, env: RuntimeEnvironment, result: StepResult, p
         **figures_metadata(result.figures),
         **environment_metadata(env),
     }
+    metadata["reuse"] = "reused" if result.reused_from else "computed"
+    if result.reused_from:
+        metadata["reused_from"] = result.reused_from
     if len(outputs) > 1:
         metadata["files"] = MetadataValue.json(
             {role: {"path": str(path), "sha256": hashes[role]} for role, path in outputs.items()}

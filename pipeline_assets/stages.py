@@ -6,6 +6,7 @@ order of its steps are written once.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from pipeline_assets.steps import geography
@@ -14,10 +15,11 @@ from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.database import build_database
 from pipeline_assets.steps.datasets import build_datasets
 from pipeline_assets.steps.diagnostics import write_diagnostics
+from pipeline_assets.steps.io import atomic_path
 from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
 from pipeline_assets.steps.results import StepResult
 from resources.compute import LocalPool
-from resources.run_store import LocalRunStore
+from resources.run_store import SEALED, LocalRunStore
 
 ARTIFACTS = {
     "policy_data_db": "artifacts/policy_data.db",
@@ -52,7 +54,23 @@ def output(store: LocalRunStore, run_id: str, name: str) -> Path:
 
 
 def run_database(store: LocalRunStore, run_id: str, config: RunConfig) -> StepResult:
-    return build_database(output(store, run_id, "policy_data_db"), config.database)
+    """Build the database from the raw inputs, or (--reuse-database) take the newest completed run's."""
+    if config.build_database:
+        return build_database(output(store, run_id, "policy_data_db"), config.database)
+    return reuse_database(store, run_id)
+
+
+def reuse_database(store: LocalRunStore, run_id: str) -> StepResult:
+    sealed = [m for m in reversed(store.list_runs()) if m.status in SEALED and m.run_id != run_id]
+    source = next((m for m in sealed if artifact(store, m.run_id, "policy_data_db").is_file()), None)
+    if source is None:
+        raise FileNotFoundError(
+            f"--reuse-database: no completed run in {store.root} has a policy_data.db; build one with --build-database"
+        )
+    target = output(store, run_id, "policy_data_db")
+    with atomic_path(target) as tmp:
+        shutil.copyfile(artifact(store, source.run_id, "policy_data_db"), tmp)
+    return StepResult(outputs={"database": target}, figures={"reused": 1}, reused_from=source.run_id)
 
 
 def run_datasets(store: LocalRunStore, run_id: str, config: RunConfig) -> StepResult:

@@ -14,3 +14,5 @@ class StepResult(BaseModel):
 
     outputs: dict[str, Path]
     figures: dict[str, float | int] = Field(default_factory=dict)
+    # The run whose output this step took instead of computing it (None: computed here).
+    reused_from: str | None = None

@@ -1,0 +1,86 @@
+"""Issue 3's bench: the same release through Dagster (the release job, multiprocess executor, on-disk
+SQLite instance) and through the bare driver, in the same process run: the ratio of wall times, and
+the orchestration overhead of each step (Dagster's step time minus the step's own work)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from dagster import DagsterEventType, DagsterInstance
+
+from bench.common import timed, write_result
+from pipeline_assets.driver import run_release
+from pipeline_assets.identity import running_code_sha
+from pipeline_assets.launch import launch_release
+from pipeline_assets.steps.config import config_for_scale
+from resources.git import CodeState
+from resources.run_store import LocalRunStore
+
+
+def dagster_step_seconds(instance: DagsterInstance, dagster_run_id: str) -> dict[str, float]:
+    """Wall time of each Dagster step, from its STEP_START to its STEP_SUCCESS event."""
+    starts, out = {}, {}
+    for record in instance.all_logs(dagster_run_id):
+        event = record.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        if event.event_type == DagsterEventType.STEP_WORKER_STARTING:
+            starts.setdefault(event.step_key, record.timestamp)
+        elif event.event_type == DagsterEventType.STEP_START:
+            starts.setdefault(event.step_key, record.timestamp)
+        elif event.event_type == DagsterEventType.STEP_SUCCESS:
+            out[event.step_key] = record.timestamp - starts[event.step_key]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", default="reference")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    config = config_for_scale(args.scale)
+    sha = running_code_sha()
+    code = CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None)
+    driver_walls, dagster_walls, overheads = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "dagster_home"
+        home.mkdir()
+        os.environ["DAGSTER_HOME"] = str(home)
+        for repeat in range(args.repeats):
+            store = LocalRunStore(Path(tmp) / f"driver_{repeat}")
+            seconds, _ = timed(lambda: run_release(store, config, code, running_sha=sha))
+            driver_walls.append(seconds)
+
+            store = LocalRunStore(Path(tmp) / f"dagster_{repeat}")
+            with DagsterInstance.get() as instance:
+                seconds, outcome = timed(lambda: launch_release(store, instance, config, code))
+                assert outcome.success, outcome.meta.error
+                dagster_walls.append(seconds)
+                steps = dagster_step_seconds(instance, outcome.dagster_run_id)
+                work = {name: t.duration_s for name, t in outcome.meta.step_timings.items()}
+                overheads.append({step: round(steps[step] - work.get(step, 0.0), 3) for step in steps})
+    driver, dagster = statistics.median(driver_walls), statistics.median(dagster_walls)
+    per_step = {step: statistics.median(o[step] for o in overheads) for step in overheads[0]}
+    write_result(
+        f"orchestration_{args.scale}",
+        {
+            "scale": args.scale,
+            "repeats": args.repeats,
+            "bare_driver_wall_s": {"median": driver, "samples": driver_walls},
+            "dagster_wall_s": {"median": dagster, "samples": dagster_walls},
+            "ratio_dagster_over_driver": dagster / driver,
+            "goal_ratio": 1.05,
+            "per_step_overhead_s": per_step,
+            "median_step_overhead_s": statistics.median(per_step.values()),
+            "executor": "multiprocess (forkserver, max_concurrent 2); on-disk SQLite instance",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The command line: exit codes and one-line errors for every bad argument."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_assets.cli import main
+from pipeline_assets.driver import start_run
+from pipeline_assets.steps.config import config_for_scale
+from resources.git import CodeState
+from resources.run_store import LocalRunStore, RunStatus
+from tests.conftest import PINNED_SHA
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    return LocalRunStore()
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("usdata-pipeline: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["run", "--scale", "huge"], "huge"),
+        (["run", "--epochs", "0"], "0 must be at least 1"),
+        (["run", "--epochs", "many"], "'many' is not an integer"),
+        (["run", "--branch", "main", "--sha", "abc1234"], "not both"),
+        (["run", "--branch", "no-such-branch-anywhere"], "no-such-branch-anywhere"),
+        (["run", "--build-database", "--reuse-database"], "not allowed with"),
+        (["frobnicate"], "frobnicate"),
+        ([], "required"),
+        (["status", "latest"], "malformed run_id 'latest'"),
+        (["status", "1.0.0_a1b2c3d4_20260318_143022"], "unknown run 1.0.0_a1b2c3d4_20260318_143022"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_with_exit_2(store, capsys, argv, fragment):
+    assert main(argv) == 2
+    assert fragment in one_line_error(capsys)
+
+
+def test_run_refuses_a_sha_other_than_the_installed_code(store, capsys, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CODE_SHA", "f" * 40)
+    assert main(["run", "--scale", "tiny"]) == 2
+    err = one_line_error(capsys)
+    assert "f" * 40 in err and "check out" in err
+    assert store.list_runs() == []  # nothing written
+
+
+def test_status_lists_runs_and_one_run(store, capsys):
+    assert main(["status"]) == 0 and "no runs" in capsys.readouterr().out
+    code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
+    run_id = start_run(store, config_for_scale("tiny"), code).run_id
+    store.update_meta(run_id, lambda m: m.step_started("policy_data_db"))
+    store.update_meta(run_id, lambda m: m.step_ended("policy_data_db", "succeeded"))
+    assert main(["status"]) == 0
+    table = capsys.readouterr().out
+    assert run_id in table and "running" in table and PINNED_SHA[:8] in table and "1/7" in table
+    assert main(["status", run_id]) == 0
+    detail = capsys.readouterr().out
+    assert "policy_data_db" in detail and "succeeded" in detail
+
+
+def test_a_failing_step_exits_1_and_leaves_meta_failed(store, capsys, monkeypatch):
+    """--reuse-database with no completed run to take it from fails the first step."""
+    monkeypatch.setenv("PIPELINE_CODE_SHA", PINNED_SHA)
+    monkeypatch.setattr("pipeline_assets.cli.code_state", lambda repo, ref=None: CodeState(PINNED_SHA, "main", False, None))
+    assert main(["run", "--scale", "tiny", "--reuse-database"]) == 1
+    out = capsys.readouterr().out
+    (meta,) = store.list_runs()
+    assert meta.status is RunStatus.failed
+    assert meta.error.step == "policy_data_db" and "no completed run" in meta.error.message
+    assert "failed" in out and meta.run_id in out
