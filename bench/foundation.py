@@ -16,7 +16,7 @@ from pipeline_assets.driver import run_release
 from pipeline_assets.identity import running_code_sha
 from pipeline_assets.steps.calibration import load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
-from pipeline_assets.steps.weights import SCOPE_LEVELS, fit_l0, fit_weights
+from pipeline_assets.steps.weights import fit_l0, fit_rows, fit_weights
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         package_path = stages.artifact(store, meta.run_id, "calibration_package")
         package = load_calibration_package(package_path)
         fit = config.local_fit
-        rows = package.rows(SCOPE_LEVELS[fit.scope])
+        rows, _unreachable = fit_rows(package, fit.scope)
         matrix = package.matrix[rows]
         targets = package.targets.iloc[rows]
         groups = pd.factorize(targets["group"])[0]

@@ -3,46 +3,39 @@
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, asset
 
 from pipeline_assets import stages
-from pipeline_assets.code_versions import code_version
 from pipeline_assets.materialize import execute_stage
 from pipeline_assets.partitions import run_ids
-from pipeline_assets.steps import calibration as calibration_step
-from pipeline_assets.steps import weights as weights_step
-from resources.dagster_resources import RunStoreResource, RuntimeResource
+from resources.dagster_resources import CodeResource, RunStoreResource, RuntimeResource
 
 
 @asset(
     partitions_def=run_ids,
-    code_version=code_version(calibration_step),
+    code_version=stages.CODE_VERSIONS["calibration_package"],
     group_name="release",
     deps=[AssetKey("policy_data_db"), AssetKey("source_datasets")],
     kinds={"hdf5"},
 )
 def calibration_package(
-    context: AssetExecutionContext, run_store: RunStoreResource, runtime: RuntimeResource
+    context: AssetExecutionContext, run_store: RunStoreResource, runtime: RuntimeResource, code: CodeResource
 ) -> MaterializeResult:
     """Sparse X (targets x household clones) and the target vector; every district has records."""
-    return execute_stage(
-        context, run_store, runtime, "calibration_package", stages.run_calibration_package, "package"
-    )
+    return execute_stage(context, run_store, runtime, code, "calibration_package", stages.ARTIFACTS["calibration_package"])
 
 
 def weights_asset(step: str, description: str):
     @asset(
         name=step,
         partitions_def=run_ids,
-        code_version=code_version(weights_step, calibration_step),
+        code_version=stages.CODE_VERSIONS[step],
         group_name="release",
         deps=[AssetKey("calibration_package")],
         kinds={"pytorch"},
         description=description,
     )
     def fitted_weights(
-        context: AssetExecutionContext, run_store: RunStoreResource, runtime: RuntimeResource
+        context: AssetExecutionContext, run_store: RunStoreResource, runtime: RuntimeResource, code: CodeResource
     ) -> MaterializeResult:
-        return execute_stage(
-            context, run_store, runtime, step, lambda store, run_id, config: stages.run_fit(store, run_id, config, step), "weights"
-        )
+        return execute_stage(context, run_store, runtime, code, step, stages.ARTIFACTS[step])
 
     return fitted_weights
 

@@ -48,6 +48,9 @@ def build_parser() -> OneLineParser:
     database.add_argument("--reuse-database", dest="build_database", action="store_false",
                           help="take policy_data.db from the newest completed run instead of building it")
 
+    run.add_argument("--no-reuse", dest="reuse", action="store_false",
+                     help="compute every step even where an earlier run's identical output exists")
+
     status = commands.add_parser("status", help="a table of runs, or one run's steps")
     status.add_argument("run_id", nargs="?")
     return parser
@@ -69,7 +72,7 @@ def command_run(args: argparse.Namespace) -> int:
     running = running_code_sha()
     if code.sha != running:
         raise CliError(f"cannot run {code.sha}: the installed code is at {running}; check out {code.sha[:8]} first")
-    overrides: dict = {"build_database": args.build_database}
+    overrides: dict = {"build_database": args.build_database, "reuse": args.reuse}
     if args.epochs:
         overrides |= {"local_fit": {"epochs": args.epochs}, "national_fit": {"epochs": args.epochs}}
     if args.workers:
@@ -79,7 +82,7 @@ def command_run(args: argparse.Namespace) -> int:
     home = dagster_home()
     print(f"pinned {code.sha} ({code.branch or 'detached'}{', dirty' if code.dirty else ''}); scale {args.scale}")
     with DagsterInstance.get() as instance:
-        outcome = launch_release(store, instance, config, code, report=_report)
+        outcome = launch_release(store, instance, config, code, report=_report, running_sha=running)
         fits = fit_summary(instance, outcome.meta.run_id)
     print_summary(store, outcome.meta, home, fits, outcome.failed_checks)
     return 0 if outcome.meta.status.value == "completed" else 1

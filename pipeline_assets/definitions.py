@@ -5,7 +5,7 @@ from dagster import Definitions, load_assets_from_modules
 from pipeline_assets import calibration, database, datasets, diagnostics, local_areas
 from pipeline_assets.checks import ALL_CHECKS
 from pipeline_assets.jobs import release_job
-from resources.dagster_resources import ComputeResource, RunStoreResource, RuntimeResource
+from resources.dagster_resources import CodeResource, ComputeResource, RunStoreResource, RuntimeResource
 
 defs = Definitions(
     assets=load_assets_from_modules([database, datasets, calibration, local_areas, diagnostics]),
@@ -15,5 +15,6 @@ defs = Definitions(
         "run_store": RunStoreResource(),
         "compute": ComputeResource(),
         "runtime": RuntimeResource(),
+        "code": CodeResource(),
     },
 )

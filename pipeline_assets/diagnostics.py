@@ -3,22 +3,20 @@
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, asset
 
 from pipeline_assets import stages
-from pipeline_assets.code_versions import code_version
 from pipeline_assets.materialize import execute_stage
 from pipeline_assets.partitions import run_ids
-from pipeline_assets.steps import diagnostics as diagnostics_step
-from resources.dagster_resources import RunStoreResource, RuntimeResource
+from resources.dagster_resources import CodeResource, RunStoreResource, RuntimeResource
 
 
 @asset(
     partitions_def=run_ids,
-    code_version=code_version(diagnostics_step),
+    code_version=stages.CODE_VERSIONS["run_diagnostics"],
     group_name="release",
     deps=[AssetKey("calibration_package"), AssetKey("state_weights"), AssetKey("national_weights")],
     kinds={"csv"},
 )
 def run_diagnostics(
-    context: AssetExecutionContext, run_store: RunStoreResource, runtime: RuntimeResource
+    context: AssetExecutionContext, run_store: RunStoreResource, runtime: RuntimeResource, code: CodeResource
 ) -> MaterializeResult:
     """Per-area validation (target vs weighted estimate) and the calibration log, for review."""
-    return execute_stage(context, run_store, runtime, "run_diagnostics", stages.run_diagnostics, "validation")
+    return execute_stage(context, run_store, runtime, code, "run_diagnostics", f"{stages.DIAGNOSTICS}/validation.csv")

@@ -14,7 +14,10 @@ from pipeline_assets import stages
 from pipeline_assets.identity import ensure_no_skew, make_run_id, package_version, running_code_sha
 from pipeline_assets.steps.config import RunConfig
 from resources.compute import LocalPool
+from pipeline_assets.identity_contract import config_hash, env_id
+from pipeline_assets.reuse import StepRecord
 from resources.git import CodeState
+from resources.runtime import capture
 from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
 
 AREAS_MANIFEST = f"{stages.H5_ROOT}/areas.json"
@@ -33,17 +36,19 @@ def start_run(
         diff_sha256=code.diff_sha256,
         version=version,
         config=config.model_dump(mode="json"),
+        env_id=env_id(capture()),
+        config_hash=config_hash(config),
     )
     return store.create_run(meta)
 
 
-def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], object], running_sha: str):
-    """Run one step under the skew guard, recording its timing and, on failure, the error."""
+def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], tuple[object, StepRecord]], running_sha: str):
+    """Run one step under the skew guard, recording its timing, identity and reuse, or its error."""
     meta = store.read_meta(run_id)
     ensure_no_skew(run_id, meta.sha, step, running_sha)
     store.update_meta(run_id, lambda m: m.step_started(step))
     try:
-        result = work()
+        result, record = work()
     except Exception as exc:
         def fail(m: RunMeta) -> None:
             m.step_ended(step, "failed")
@@ -53,8 +58,9 @@ def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], ob
 
         store.update_meta(run_id, fail)
         raise
-    store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded"))
-    return result
+    facts = {"env_id": record.env_id, "reuse": record.reuse, "reused_from": record.reused_from}
+    store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded", **facts))
+    return result, record
 
 
 def run_release(
@@ -69,18 +75,15 @@ def run_release(
     pool = pool or LocalPool(config.areas.workers)
     meta = start_run(store, config, code)
     run_id = meta.run_id
-    steps: dict[str, Callable[[], object]] = {
-        "policy_data_db": lambda: stages.run_database(store, run_id, config),
-        "source_datasets": lambda: stages.run_datasets(store, run_id, config),
-        "calibration_package": lambda: stages.run_calibration_package(store, run_id, config),
-        "state_weights": lambda: stages.run_fit(store, run_id, config, "state_weights"),
-        "national_weights": lambda: stages.run_fit(store, run_id, config, "national_weights"),
-        "local_areas": lambda: stages.run_local_areas(store, run_id, pool),
-        "run_diagnostics": lambda: stages.run_diagnostics(store, run_id, config),
-    }
+
+    def work(step: str):
+        if step == "local_areas":
+            return lambda: stages.execute_areas(store, run_id, pool, capture())
+        return lambda: stages.execute_step(store, run_id, step, config, capture())
+
     results: dict[str, object] = {}
     for step in stages.STEP_ORDER:
-        results[step] = run_step(store, run_id, step, steps[step], running_sha)
+        results[step], _record = run_step(store, run_id, step, work(step), running_sha)
     areas = [area.model_dump() for area in results["local_areas"]]
     store.write_run_file(run_id, AREAS_MANIFEST, json.dumps(areas, indent=2).encode())
     meta = store.update_meta(run_id, lambda m: m.transition(RunStatus.completed))

@@ -14,12 +14,19 @@ from pipeline_assets.driver import start_run
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import RunConfig
 from resources.git import CodeState
-from resources.run_store import STORE_VARIABLE, LocalRunStore, RunError, RunMeta, RunStatus
+from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
 
 DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = ".dagster"
-# Step progress is printed from meta.json; Dagster's own console log stays at warnings (the UI has all).
-QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+def job_run_config(store: LocalRunStore, running_sha: str | None) -> dict:
+    """Resources configured explicitly, not through the environment: the executor's forkserver keeps
+    the environment it started with. Dagster's console log stays at warnings (the UI has it all)."""
+    code = {"sha": running_sha} if running_sha else {}
+    return {
+        "resources": {"run_store": {"config": {"root": str(store.root)}}, "code": {"config": code}},
+        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+    }
 
 
 def dagster_home() -> Path:
@@ -67,9 +74,9 @@ def launch_release(
     config: RunConfig,
     code: CodeState,
     report: Callable[[str, str, float | None], None] = lambda *_: None,
+    running_sha: str | None = None,
 ) -> LaunchOutcome:
     """Create the run, execute the release job for its partition, and leave meta.json settled."""
-    os.environ[STORE_VARIABLE] = str(store.root)
     meta = start_run(store, config, code)
     run_id = meta.run_id
     instance.add_dynamic_partitions(RUN_IDS, [run_id])
@@ -80,7 +87,7 @@ def launch_release(
         with execute_job(
             reconstructable(release_job),
             instance=instance,
-            run_config=QUIET_CONSOLE,
+            run_config=job_run_config(store, running_sha),
             tags={"dagster/partition": run_id, "git_sha": code.sha, "branch": code.branch or ""},
         ) as result:
             success = result.success

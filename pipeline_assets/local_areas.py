@@ -10,15 +10,11 @@ from typing import Iterator
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, multi_asset
 
 from pipeline_assets import stages
-from pipeline_assets.code_versions import code_version
 from pipeline_assets.driver import run_step
-from pipeline_assets.identity import running_code_sha
-from pipeline_assets.materialize import environment_metadata, file_metadata, run_metadata
+from pipeline_assets.materialize import environment_metadata, file_metadata, identity_metadata
 from pipeline_assets.partitions import run_ids
-from pipeline_assets.steps import geography, h5io
-from pipeline_assets.steps import local_areas as local_areas_step
-from pipeline_assets.steps.local_areas import AreaResult
-from resources.dagster_resources import ComputeResource, RunStoreResource, RuntimeResource
+from pipeline_assets.steps import geography
+from resources.dagster_resources import CodeResource, ComputeResource, RunStoreResource, RuntimeResource
 
 AREA_GROUPS = {"state": "states", "district": "districts", "city": "cities"}
 NATIONAL_KEY = AssetKey("national_h5")
@@ -53,25 +49,26 @@ def _spec(area: geography.Area) -> AssetSpec:
     specs=[_spec(area) for area in ALL_AREAS],
     partitions_def=run_ids,
     can_subset=True,
-    code_version=code_version(local_areas_step, h5io),
+    code_version=stages.CODE_VERSIONS["local_areas"],
 )
 def local_areas(
     context: AssetExecutionContext,
     run_store: RunStoreResource,
     compute: ComputeResource,
     runtime: RuntimeResource,
+    code: CodeResource,
 ) -> Iterator[MaterializeResult]:
     """Build the selected area files (all 489 by default) on the compute pool."""
     store = run_store.store()
     run_id = context.partition_key
     meta = store.read_meta(run_id)
     codes = {AREA_BY_KEY[key].code for key in context.selected_asset_keys}
-    results: list[AreaResult] = run_step(
-        store, run_id, "local_areas",
-        lambda: stages.run_local_areas(store, run_id, compute.pool(), codes),
-        running_code_sha(),
+    env = runtime.capture()
+    results, record = run_step(
+        store, run_id, "local_areas", lambda: stages.execute_areas(store, run_id, compute.pool(), env, codes),
+        code.running_sha(),
     )
-    shared = {**run_metadata(meta), **environment_metadata(runtime.capture())}
+    shared = {**identity_metadata(meta, record), **environment_metadata(env)}
     h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
     for result in results:
         yield MaterializeResult(

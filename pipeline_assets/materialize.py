@@ -1,23 +1,19 @@
 """What every asset does around its step: resolve the run, guard against skew, time the step in
-meta.json, and turn the step's files and figures into small, typed metadata."""
+meta.json, and turn the step's record (files, hashes, figures, identity) into small, typed metadata."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
+from pipeline_assets import stages
 from pipeline_assets.driver import run_step
-from pipeline_assets.identity import running_code_sha
+from pipeline_assets.reuse import StepRecord
 from pipeline_assets.steps.config import RunConfig
-from pipeline_assets.steps.io import sha256_file
-from pipeline_assets.steps.results import StepResult
-from resources.dagster_resources import RunStoreResource, RuntimeResource
-from resources.run_store import LocalRunStore, RunMeta
+from resources.dagster_resources import CodeResource, RunStoreResource, RuntimeResource
+from resources.run_store import RunMeta
 from resources.runtime import RuntimeEnvironment
-
-StageWork = Callable[[LocalRunStore, str, RunConfig], StepResult]
 
 
 def environment_metadata(env: RuntimeEnvironment) -> dict:
@@ -32,17 +28,27 @@ def environment_metadata(env: RuntimeEnvironment) -> dict:
     }
 
 
-def file_metadata(path: Path, sha256: str | None = None) -> dict:
+def file_metadata(path: Path, sha256: str) -> dict:
     return {
         "path": MetadataValue.path(str(path)),
         "uri": MetadataValue.url(path.as_uri()),
-        "sha256": sha256 or sha256_file(path),
+        "sha256": sha256,
         "size_bytes": path.stat().st_size,
     }
 
 
-def run_metadata(meta: RunMeta) -> dict:
-    return {"run_id": meta.run_id, "git_sha": meta.sha}
+def identity_metadata(meta: RunMeta, record: StepRecord) -> dict:
+    metadata = {
+        "run_id": meta.run_id,
+        "git_sha": meta.sha,
+        "env_id": record.env_id,
+        "config_hash": meta.config_hash or "",
+        "step_config_hash": record.config_hash,
+        "reuse": record.reuse,
+    }
+    if record.reused_from:
+        metadata["reused_from"] = record.reused_from
+    return metadata
 
 
 def figures_metadata(figures: dict) -> dict:
@@ -50,21 +56,16 @@ def figures_metadata(figures: dict) -> dict:
     return {name: (float(value) if isinstance(value, float) else int(value)) for name, value in figures.items()}
 
 
-def stage_metadata(meta: RunMeta, env: RuntimeEnvironment, result: StepResult, primary: str) -> dict:
-    outputs = {role: path for role, path in result.outputs.items() if path.is_file()}
-    hashes = {role: sha256_file(path) for role, path in outputs.items()}
+def stage_metadata(meta: RunMeta, env: RuntimeEnvironment, record: StepRecord, run_dir: Path, primary: str) -> dict:
     metadata = {
-        **run_metadata(meta),
-        **file_metadata(result.outputs[primary], hashes[primary]),
-        **figures_metadata(result.figures),
+        **identity_metadata(meta, record),
+        **file_metadata(run_dir / primary, record.outputs[primary]),
+        **figures_metadata(record.figures),
         **environment_metadata(env),
     }
-    metadata["reuse"] = "reused" if result.reused_from else "computed"
-    if result.reused_from:
-        metadata["reused_from"] = result.reused_from
-    if len(outputs) > 1:
+    if len(record.outputs) > 1:
         metadata["files"] = MetadataValue.json(
-            {role: {"path": str(path), "sha256": hashes[role]} for role, path in outputs.items()}
+            {rel: {"path": str(run_dir / rel), "sha256": sha} for rel, sha in record.outputs.items()}
         )
     return metadata
 
@@ -73,14 +74,20 @@ def execute_stage(
     context: AssetExecutionContext,
     run_store: RunStoreResource,
     runtime: RuntimeResource,
+    code: CodeResource,
     step: str,
-    work: StageWork,
     primary: str,
 ) -> MaterializeResult:
-    """Run one release stage for the partition's run_id and describe what it wrote."""
+    """Run (or reuse) one release stage for the partition's run_id and describe what it wrote."""
     store = run_store.store()
     run_id = context.partition_key
     meta = store.read_meta(run_id)
     config = RunConfig.model_validate(meta.config)
-    result = run_step(store, run_id, step, lambda: work(store, run_id, config), running_code_sha())
-    return MaterializeResult(metadata=stage_metadata(meta, runtime.capture(), result, primary))
+    env = runtime.capture()
+    _result, record = run_step(
+        store, run_id, step, lambda: stages.execute_step(store, run_id, step, config, env), code.running_sha()
+    )
+    if record.reused_from:
+        context.log.info(f"{step}: reused the output of run {record.reused_from}")
+    run_dir = store.path(store.run_key(run_id))
+    return MaterializeResult(metadata=stage_metadata(meta, env, record, run_dir, primary))

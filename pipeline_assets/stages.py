@@ -1,7 +1,8 @@
-"""The stages of one release, bound to the run store: where each step reads and writes.
+"""The stages of one release, bound to the run store: where each step reads and writes, what its
+code version, configuration and inputs are, and whether an earlier run's output can be reused.
 
-The bare driver and the Dagster assets both call these functions, so the layout of a run and the
-order of its steps are written once.
+The bare driver and the Dagster assets both call `execute_step` / `execute_areas`, so the layout of
+a run, the order of its steps and the reuse rule are written once.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from pipeline_assets.steps.diagnostics import write_diagnostics
 from pipeline_assets.steps.io import atomic_path
 from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
 from pipeline_assets.steps.results import StepResult
+from pipeline_assets.code_versions import code_version
+from pipeline_assets.identity_contract import env_id, hashed_config, step_config_hash
+from pipeline_assets.reuse import StepRecord, find_reusable, hash_outputs, link_outputs, read_record, reuse_key, write_record
 from resources.compute import LocalPool
-from resources.run_store import SEALED, LocalRunStore
+from resources.runtime import RuntimeEnvironment
+from resources.run_store import SEALED, LocalRunStore, utcnow
 
 ARTIFACTS = {
     "policy_data_db": "artifacts/policy_data.db",
@@ -33,6 +38,35 @@ ARTIFACTS = {
 H5_ROOT = "h5s"
 DIAGNOSTICS = "diagnostics"
 FIT_SCOPES = {"state_weights": "local", "national_weights": "national"}
+STEP_SOURCES = {
+    "policy_data_db": ("pipeline_assets.steps.database", "pipeline_assets.steps.geography"),
+    "source_datasets": ("pipeline_assets.steps.datasets", "pipeline_assets.steps.geography", "pipeline_assets.steps.h5io"),
+    "calibration_package": ("pipeline_assets.steps.calibration", "pipeline_assets.steps.h5io"),
+    "state_weights": ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration"),
+    "national_weights": ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration"),
+    "local_areas": ("pipeline_assets.steps.local_areas", "pipeline_assets.steps.h5io"),
+    "run_diagnostics": ("pipeline_assets.steps.diagnostics",),
+}
+CODE_VERSIONS = {step: code_version(*modules) for step, modules in STEP_SOURCES.items()}
+# Upstream steps whose outputs are a step's inputs.
+STEP_INPUTS = {
+    "policy_data_db": (),
+    "source_datasets": (),
+    "calibration_package": ("policy_data_db", "source_datasets"),
+    "state_weights": ("calibration_package",),
+    "national_weights": ("calibration_package",),
+    "local_areas": ("source_datasets", "calibration_package", "state_weights", "national_weights"),
+    "run_diagnostics": ("calibration_package", "state_weights", "national_weights"),
+}
+# The slice of the hashed run configuration each reusable step depends on. The area files and the
+# diagnostics are always rebuilt: the first for any change of weights, the second records the run.
+STEP_CONFIG = {
+    "policy_data_db": ("database", "build_database"),
+    "source_datasets": ("dataset",),
+    "calibration_package": ("calibration",),
+    "state_weights": ("local_fit",),
+    "national_weights": ("national_fit",),
+}
 STEP_ORDER = (
     "policy_data_db",
     "source_datasets",
@@ -133,3 +167,90 @@ def run_diagnostics(store: LocalRunStore, run_id: str, config: RunConfig) -> Ste
         config.model_dump(mode="json"),
         out_dir,
     )
+
+
+RUNNERS = {
+    "policy_data_db": run_database,
+    "source_datasets": run_datasets,
+    "calibration_package": run_calibration_package,
+    "state_weights": lambda store, run_id, config: run_fit(store, run_id, config, "state_weights"),
+    "national_weights": lambda store, run_id, config: run_fit(store, run_id, config, "national_weights"),
+    "run_diagnostics": run_diagnostics,
+}
+
+
+def _relative(store: LocalRunStore, run_id: str, paths) -> list[str]:
+    run_dir = store.path(store.run_key(run_id))
+    return [str(Path(p).relative_to(run_dir)) for p in paths]
+
+
+def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, outputs: dict[str, str], **extra) -> StepRecord:
+    hashed = hashed_config(config)
+    section_hash = step_config_hash({name: hashed[name] for name in STEP_CONFIG.get(step, ())})
+    inputs = {}
+    for upstream in STEP_INPUTS[step]:
+        record = read_record(store, run_id, upstream)
+        if record is None:
+            raise FileNotFoundError(f"step {step} of run {run_id} needs {upstream}, which has not run")
+        inputs[upstream] = record.outputs_digest()
+    identity = env_id(env)
+    return StepRecord(
+        step=step,
+        reuse_key=reuse_key(step, CODE_VERSIONS[step], identity, section_hash, inputs),
+        code_version=CODE_VERSIONS[step],
+        env_id=identity,
+        config_hash=section_hash,
+        inputs=inputs,
+        outputs=outputs,
+        environment=env.model_dump(),
+        **extra,
+    )
+
+
+def execute_step(
+    store: LocalRunStore, run_id: str, step: str, config: RunConfig, env: RuntimeEnvironment
+) -> tuple[StepResult, StepRecord]:
+    """Run one step, or reuse an earlier run's identical output (unless config.reuse is off)."""
+    started = utcnow()
+    probe = _record(store, run_id, step, config, env, outputs={})
+    found = None
+    if step in STEP_CONFIG and config.reuse:
+        found = find_reusable(store, run_id, step, probe.reuse_key)
+    if found is not None:
+        source_run, source = found
+        link_outputs(store, source_run, run_id, source)
+        run_dir = store.path(store.run_key(run_id))
+        result = StepResult(
+            outputs={rel: run_dir / rel for rel in source.outputs}, figures=source.figures, reused_from=source_run
+        )
+        record = probe.model_copy(update={
+            "outputs": source.outputs, "figures": source.figures, "reuse": "reused", "reused_from": source_run,
+            "started_at": started,
+        })
+    else:
+        result = RUNNERS[step](store, run_id, config)
+        written = [p for p in result.outputs.values() if Path(p).is_file()]
+        record = probe.model_copy(update={
+            "outputs": hash_outputs(store, run_id, _relative(store, run_id, written)),
+            "figures": result.figures,
+            "reuse": "reused" if result.reused_from else "computed",
+            "reused_from": result.reused_from,
+            "started_at": started,
+        })
+    write_record(store, run_id, record)
+    return result, record
+
+
+def execute_areas(
+    store: LocalRunStore, run_id: str, pool: LocalPool, env: RuntimeEnvironment, area_codes: set[str] | None = None
+) -> tuple[list[AreaResult], StepRecord]:
+    """Build the area files and record every file's hash (a rebuild of some areas adds to the record)."""
+    started = utcnow()
+    results = run_local_areas(store, run_id, pool, area_codes)
+    previous = read_record(store, run_id, "local_areas")
+    outputs = dict(previous.outputs) if previous and area_codes is not None else {}
+    outputs.update({f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results})
+    record = _record(store, run_id, "local_areas", RunConfig.model_validate(store.read_meta(run_id).config), env,
+                     outputs=dict(sorted(outputs.items())), started_at=started)
+    write_record(store, run_id, record)
+    return results, record

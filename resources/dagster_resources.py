@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dagster import ConfigurableResource
 
+from pipeline_assets.identity import running_code_sha
 from resources.compute import LocalPool
 from resources.run_store import LocalRunStore
 from resources.runtime import RuntimeEnvironment, capture
@@ -16,6 +17,15 @@ class RunStoreResource(ConfigurableResource):
 
     def store(self) -> LocalRunStore:
         return LocalRunStore(self.root)
+
+
+class CodeResource(ConfigurableResource):
+    """The SHA of the code the steps run: configured (an image's pinned SHA), else $PIPELINE_CODE_SHA or git."""
+
+    sha: str | None = None
+
+    def running_sha(self) -> str:
+        return self.sha or running_code_sha()
 
 
 class ComputeResource(ConfigurableResource):

@@ -53,6 +53,9 @@ class StepTiming(BaseModel):
     ended_at: datetime | None = None
     duration_s: float | None = None
     status: str = "running"  # running | succeeded | failed
+    env_id: str | None = None
+    reuse: str | None = None  # computed | reused
+    reused_from: str | None = None
 
 
 class RunError(BaseModel):
@@ -90,11 +93,14 @@ class RunMeta(BaseModel):
     def step_started(self, step: str) -> None:
         self.step_timings[step] = StepTiming(started_at=utcnow())
 
-    def step_ended(self, step: str, status: str) -> None:
+    def step_ended(self, step: str, status: str, **facts) -> None:
+        """Close a step's timing; `facts` are its env_id, reuse and reused_from."""
         timing = self.step_timings.get(step) or StepTiming(started_at=utcnow())
         timing.ended_at = utcnow()
         timing.duration_s = round((timing.ended_at - timing.started_at).total_seconds(), 3)
         timing.status = status
+        for name, value in facts.items():
+            setattr(timing, name, value)
         self.step_timings[step] = timing
 
 

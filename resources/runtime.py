@@ -7,6 +7,7 @@ key or credential value can end up in metadata, a TRO, a log or meta.json.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import socket
@@ -48,6 +49,7 @@ class RuntimeEnvironment(BaseModel):
     hostname: str
     ci_git_sha: str | None
     ci_run_url: str | None
+    installed_distributions_sha256: str
 
 
 def _first_set(names: tuple[str, ...]) -> str | None:
@@ -68,6 +70,15 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+@functools.lru_cache(maxsize=1)
+def installed_distributions_sha256() -> str:
+    """sha256 of every installed distribution's name==version: the environment where no image digest exists."""
+    names = sorted(
+        f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]
+    )
+    return hashlib.sha256("\n".join(dict.fromkeys(names)).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,4 +141,5 @@ def capture(compute_pool: str | None = None, cloud_region: str | None = None) ->
         hostname=socket.gethostname(),
         ci_git_sha=_first_set(CI_SHA_VARIABLES),
         ci_run_url=ci_run_url(),
+        installed_distributions_sha256=installed_distributions_sha256(),
     )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, instance_for_test
 from dagster._core.events import DagsterEventType
 
 from pipeline_assets import defs
 from pipeline_assets.driver import start_run
-from pipeline_assets.launch import launch_release
+from pipeline_assets.launch import job_run_config, launch_release
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.io import sha256_file
@@ -21,20 +20,15 @@ ENV_FIELDS = ["python_version", "library_versions", "os", "kernel", "architectur
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
 
 
-@pytest.fixture
-def pinned_code(monkeypatch):
-    monkeypatch.setenv("PIPELINE_CODE_SHA", PINNED_SHA)  # the step processes inherit it
-
-
 def latest(instance: DagsterInstance, key: AssetKey, run_id: str):
     records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[run_id]), limit=1).records
     return records[0].asset_materialization.metadata if records else None
 
 
-def test_release_job_end_to_end(tmp_path, pinned_code):
+def test_release_job_end_to_end(tmp_path):
     store = LocalRunStore(tmp_path / "store")
     with instance_for_test() as instance:
-        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE)
+        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA)
         assert outcome.success and outcome.failed_checks == []
         run_id = outcome.meta.run_id
         assert outcome.meta.status is RunStatus.completed
@@ -68,15 +62,14 @@ def test_release_job_end_to_end(tmp_path, pinned_code):
         assert len(names) == 10 and all(ev.passed for ev in evaluations)
 
 
-def test_failing_calibration_check_stops_the_area_files(tmp_path, pinned_code, monkeypatch):
+def test_failing_calibration_check_stops_the_area_files(tmp_path):
     store = LocalRunStore(tmp_path / "store")
-    monkeypatch.setenv("PIPELINE_STORE", str(store.root))
     config = config_for_scale("tiny", quality={"max_mean_rel_abs_error": 1e-9})
     with instance_for_test() as instance:
         run_id = start_run(store, config, CODE).run_id
         instance.add_dynamic_partitions(RUN_IDS, [run_id])
         result = defs.resolve_job_def("release").execute_in_process(
-            partition_key=run_id, instance=instance, raise_on_error=False
+            partition_key=run_id, instance=instance, raise_on_error=False, run_config=job_run_config(store, PINNED_SHA)
         )
         failed = [
             e.asset_check_evaluation_data.check_name

@@ -68,6 +68,9 @@ class RunConfig(StepConfig):
     """Everything a release run is made from."""
 
     scale: str = "small"
+    labels: dict[str, str] = Field(default_factory=dict)
+    # Reuse an earlier run's output of a step whose code, environment, config and inputs match.
+    reuse: bool = True
     build_database: bool = True
     database: DatabaseConfig = DatabaseConfig()
     dataset: DatasetConfig = DatasetConfig()

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from l0.calibration import SparseCalibrationWeights
 
-from pipeline_assets.steps.calibration import load_calibration_package, relative_errors
+from pipeline_assets.steps.calibration import CalibrationPackage, load_calibration_package, relative_errors
 from pipeline_assets.steps.config import FitConfig
 from pipeline_assets.steps.io import atomic_path
 from pipeline_assets.steps.results import StepResult
@@ -66,15 +66,22 @@ def calibration_log(names, estimate, target, epoch: int, loss: float) -> pd.Data
     )
 
 
+def fit_rows(package: CalibrationPackage, scope: str) -> tuple[np.ndarray, int]:
+    """The scope's target rows that some record can reach, and how many cannot be reached.
+
+    A target no record can reach (an all-zero row) cannot be fitted; it is reported, not fitted.
+    """
+    scope_rows = package.rows(SCOPE_LEVELS[scope])
+    reachable = np.diff(package.matrix.indptr)[scope_rows] > 0
+    if not reachable.any():
+        raise ValueError(f"the calibration package has no reachable {scope} targets to fit")
+    return scope_rows[reachable], int((~reachable).sum())
+
+
 def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
     """Fit weights over every clone against the scope's reachable targets; log before and after."""
     package = load_calibration_package(package_path)
-    scope_rows = package.rows(SCOPE_LEVELS[config.scope])
-    # A target no record can reach (an all-zero row) cannot be fitted; it is reported, not fitted.
-    reachable = np.diff(package.matrix.indptr)[scope_rows] > 0
-    rows = scope_rows[reachable]
-    if len(rows) == 0:
-        raise ValueError(f"the calibration package has no reachable {config.scope} targets to fit")
+    rows, unreachable = fit_rows(package, config.scope)
     matrix = package.matrix[rows]
     targets = package.targets.iloc[rows]
     target_values = targets["value"].to_numpy(float)
@@ -105,7 +112,7 @@ def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: 
         outputs={"weights": weights_path, "calibration_log": log_path},
         figures={
             "targets": int(len(rows)),
-            "unreachable_targets": int((~reachable).sum()),
+            "unreachable_targets": unreachable,
             "columns": int(matrix.shape[1]),
             "epochs": config.epochs,
             "initial_mean_rel_abs_error": float(rel_before.mean()),

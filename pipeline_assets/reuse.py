@@ -1,0 +1,92 @@
+"""Step records and step reuse.
+
+Each step of a run leaves runs/{run_id}/steps/{step}.json: its reuse key (step code version, env_id,
+step config, input hashes), the sha256 of every file it wrote, its figures and its environment. A
+later step whose key matches an earlier run's record, and whose files still verify, takes those files
+(hard links: a run's files are never rewritten, so sharing an inode is safe) instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from pipeline_assets.steps.io import sha256_file
+from resources.run_store import LocalRunStore, RunStoreError, utcnow
+
+
+class StepRecord(BaseModel):
+    step: str
+    reuse_key: str
+    code_version: str
+    env_id: str
+    config_hash: str
+    inputs: dict[str, str]  # upstream step -> digest of its outputs
+    outputs: dict[str, str]  # path relative to the run directory -> sha256
+    figures: dict[str, float | int] = Field(default_factory=dict)
+    reuse: str = "computed"  # computed | reused
+    reused_from: str | None = None
+    environment: dict = Field(default_factory=dict)
+    started_at: datetime | None = None
+    ended_at: datetime = Field(default_factory=utcnow)
+
+    def outputs_digest(self) -> str:
+        return hashlib.sha256("\n".join(f"{p} {h}" for p, h in sorted(self.outputs.items())).encode()).hexdigest()
+
+
+def record_key(step: str) -> str:
+    return f"steps/{step}.json"
+
+
+def reuse_key(step: str, code_version: str, env_id: str, config_hash: str, inputs: dict[str, str]) -> str:
+    payload = {"step": step, "code": code_version, "env": env_id, "config": config_hash, "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def read_record(store: LocalRunStore, run_id: str, step: str) -> StepRecord | None:
+    key = store.run_key(run_id, record_key(step))
+    return StepRecord.model_validate_json(store.read_bytes(key)) if store.exists(key) else None
+
+
+def write_record(store: LocalRunStore, run_id: str, record: StepRecord) -> None:
+    store.write_run_file(run_id, record_key(record.step), record.model_dump_json(indent=2).encode())
+
+
+def hash_outputs(store: LocalRunStore, run_id: str, relpaths: list[str]) -> dict[str, str]:
+    return {rel: sha256_file(store.path(store.run_key(run_id, rel))) for rel in sorted(relpaths)}
+
+
+def _verifies(store: LocalRunStore, run_id: str, record: StepRecord) -> bool:
+    for rel, expected in record.outputs.items():
+        path = store.path(store.run_key(run_id, rel))
+        if not path.is_file() or sha256_file(path) != expected:
+            return False
+    return True
+
+
+def find_reusable(store: LocalRunStore, run_id: str, step: str, key: str) -> tuple[str, StepRecord] | None:
+    """The newest other run whose record of `step` has this key and whose files still verify."""
+    for meta in reversed(store.list_runs()):
+        if meta.run_id == run_id:
+            continue
+        record = read_record(store, meta.run_id, step)
+        if record is not None and record.reuse_key == key and _verifies(store, meta.run_id, record):
+            return meta.run_id, record
+    return None
+
+
+def link_outputs(store: LocalRunStore, source_run: str, run_id: str, record: StepRecord) -> None:
+    for rel in record.outputs:
+        source = store.path(store.run_key(source_run, rel))
+        target = store.output_path(run_id, rel)
+        if target.exists():
+            raise RunStoreError(f"cannot reuse {rel} from {source_run}: run {run_id} already has it")
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem: copy instead
+            shutil.copyfile(source, target)
