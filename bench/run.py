@@ -1,11 +1,12 @@
 """`make bench`: every benchmark of the project, results under bench/results/."""
 
-from bench import foundation, orchestration
+from bench import foundation, orchestration, provenance
 
 
 def main() -> None:
     foundation.main([])
     orchestration.main([])
+    provenance.main([])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pipeline_assets import stages
 from pipeline_assets.local_areas import AREA_KEYS, NATIONAL_KEY
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import RunConfig
-from pipeline_assets.steps.io import sha256_file
+from resources.files import sha256_file
 from resources.dagster_resources import RunStoreResource
 
 STAGE_ASSETS = ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics")

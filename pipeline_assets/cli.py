@@ -53,6 +53,9 @@ def build_parser() -> OneLineParser:
 
     status = commands.add_parser("status", help="a table of runs, or one run's steps")
     status.add_argument("run_id", nargs="?")
+
+    verify = commands.add_parser("verify", help="re-hash a run's files against its TRO and check its signature")
+    verify.add_argument("run_id")
     return parser
 
 
@@ -145,10 +148,23 @@ def command_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_verify(args: argparse.Namespace) -> int:
+    from pipeline_assets.tro import verify_run
+
+    parse_run_id(args.run_id)
+    report = verify_run(LocalRunStore(), args.run_id)
+    if report.ok:
+        print(f"OK {args.run_id}: {report.artifacts_checked} artifacts verified")
+        return 0
+    for line in report.lines():
+        print(f"FAILED {args.run_id}: {line}")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": command_run, "status": command_status}[args.command](args)
+        return {"run": command_run, "status": command_status, "verify": command_verify}[args.command](args)
     except CliError as exc:
         print(f"usdata-pipeline: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from pipeline_assets.steps.config import RunConfig
 from resources.compute import LocalPool
 from pipeline_assets.identity_contract import config_hash, env_id
 from pipeline_assets.reuse import StepRecord
+from pipeline_assets.tro import signer_from_environment, write_tro
 from resources.git import CodeState
 from resources.runtime import capture
 from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
@@ -87,4 +88,5 @@ def run_release(
     areas = [area.model_dump() for area in results["local_areas"]]
     store.write_run_file(run_id, AREAS_MANIFEST, json.dumps(areas, indent=2).encode())
     meta = store.update_meta(run_id, lambda m: m.transition(RunStatus.completed))
+    write_tro(store, run_id, signer_from_environment())
     return meta, results

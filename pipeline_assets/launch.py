@@ -13,6 +13,7 @@ from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructa
 from pipeline_assets.driver import start_run
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import RunConfig
+from pipeline_assets.tro import signer_from_environment, tro_revisions, write_tro
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
 
@@ -104,7 +105,11 @@ def launch_release(
 
 
 def settle_run(store: LocalRunStore, run_id: str, success: bool, failed_checks: list[str]) -> RunMeta:
-    """completed when every step and check passed; otherwise failed, naming what failed."""
+    """completed when every step and check passed; otherwise failed, naming what failed.
+
+    A completed run gets its TRO here (once). A failed run gets none: it may be resumed, which can
+    rewrite its files, and a TRO is a claim about a finished run.
+    """
 
     def settle(meta: RunMeta) -> None:
         if meta.status is not RunStatus.running:
@@ -116,4 +121,7 @@ def settle_run(store: LocalRunStore, run_id: str, success: bool, failed_checks: 
             meta.error = RunError(step="checks", message=f"failed checks: {', '.join(failed_checks) or 'see the Dagster run'}")
         meta.transition(RunStatus.failed)
 
-    return store.update_meta(run_id, settle)
+    meta = store.update_meta(run_id, settle)
+    if meta.status is RunStatus.completed and not tro_revisions(store, run_id):
+        write_tro(store, run_id, signer_from_environment())
+    return meta

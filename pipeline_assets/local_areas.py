@@ -18,7 +18,7 @@ from resources.dagster_resources import CodeResource, ComputeResource, RunStoreR
 
 AREA_GROUPS = {"state": "states", "district": "districts", "city": "cities"}
 NATIONAL_KEY = AssetKey("national_h5")
-AREA_DEPS = [AssetKey(name) for name in ("source_datasets", "calibration_package", "state_weights", "national_weights")]
+AREA_DEPS = [AssetKey(name) for name in stages.STEP_INPUTS["local_areas"]]
 
 
 def area_key(area: geography.Area) -> AssetKey:

@@ -1,14 +1,14 @@
 """What every asset does around its step: resolve the run, guard against skew, time the step in
 meta.json, and turn the step's record (files, hashes, figures, identity) into small, typed metadata."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
 from pipeline_assets import stages
 from pipeline_assets.driver import run_step
+from pipeline_assets.partitions import run_ids
 from pipeline_assets.reuse import StepRecord
 from pipeline_assets.steps.config import RunConfig
 from resources.dagster_resources import CodeResource, RunStoreResource, RuntimeResource
@@ -91,3 +91,27 @@ def execute_stage(
         context.log.info(f"{step}: reused the output of run {record.reused_from}")
     run_dir = store.path(store.run_key(run_id))
     return MaterializeResult(metadata=stage_metadata(meta, env, record, run_dir, primary))
+
+
+def stage_asset(step: str, description: str, kinds: set[str]):
+    """The asset of one single-output stage: partitioned by run_id, versioned by its step's source,
+    depending on the stages whose outputs its step reads."""
+
+    @asset(
+        name=step,
+        partitions_def=run_ids,
+        code_version=stages.CODE_VERSIONS[step],
+        group_name="release",
+        deps=[AssetKey(upstream) for upstream in stages.STEP_INPUTS[step]],
+        kinds=kinds,
+        description=description,
+    )
+    def stage(
+        context: AssetExecutionContext,
+        run_store: RunStoreResource,
+        runtime: RuntimeResource,
+        code: CodeResource,
+    ) -> MaterializeResult:
+        return execute_stage(context, run_store, runtime, code, step, stages.PRIMARY_OUTPUTS[step])
+
+    return stage

@@ -16,7 +16,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from pipeline_assets.steps.io import sha256_file
+from resources.files import sha256_file
 from resources.run_store import LocalRunStore, RunStoreError, utcnow
 
 

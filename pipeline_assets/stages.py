@@ -16,7 +16,7 @@ from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.database import build_database
 from pipeline_assets.steps.datasets import build_datasets
 from pipeline_assets.steps.diagnostics import write_diagnostics
-from pipeline_assets.steps.io import atomic_path
+from resources.files import atomic_path
 from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
 from pipeline_assets.steps.results import StepResult
 from pipeline_assets.code_versions import code_version
@@ -37,6 +37,11 @@ ARTIFACTS = {
 }
 H5_ROOT = "h5s"
 DIAGNOSTICS = "diagnostics"
+# The file each single-output stage is known by (path, sha256 and size in its metadata).
+PRIMARY_OUTPUTS = {
+    **{step: ARTIFACTS[step] for step in ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights")},
+    "run_diagnostics": f"{DIAGNOSTICS}/validation.csv",
+}
 FIT_SCOPES = {"state_weights": "local", "national_weights": "national"}
 STEP_SOURCES = {
     "policy_data_db": ("pipeline_assets.steps.database", "pipeline_assets.steps.geography"),
@@ -225,7 +230,7 @@ def execute_step(
         )
         record = probe.model_copy(update={
             "outputs": source.outputs, "figures": source.figures, "reuse": "reused", "reused_from": source_run,
-            "started_at": started,
+            "started_at": started, "ended_at": utcnow(),
         })
     else:
         result = RUNNERS[step](store, run_id, config)
@@ -236,6 +241,7 @@ def execute_step(
             "reuse": "reused" if result.reused_from else "computed",
             "reused_from": result.reused_from,
             "started_at": started,
+            "ended_at": utcnow(),
         })
     write_record(store, run_id, record)
     return result, record

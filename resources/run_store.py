@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline_assets.steps.io import atomic_path, write_bytes_atomic
+from resources.files import atomic_path, write_bytes_atomic
 
 STORE_VARIABLE = "PIPELINE_STORE"
 DEFAULT_STORE = ".pipeline-data"

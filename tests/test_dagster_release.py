@@ -10,7 +10,7 @@ from pipeline_assets.driver import start_run
 from pipeline_assets.launch import job_run_config, launch_release
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import config_for_scale
-from pipeline_assets.steps.io import sha256_file
+from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus
 from tests.conftest import PINNED_SHA

@@ -17,7 +17,7 @@ from pipeline_assets.steps.database import (
     validate_database,
 )
 from pipeline_assets.steps.geography import RawInputMissing, raw_inputs_dir
-from pipeline_assets.steps.io import sha256_file
+from resources.files import sha256_file
 
 CONFIG = DatabaseConfig()
 AGE_STRATA = {"all", *(f"age:{lo}:{lo + 5}" for lo in range(0, 85, 5)), "age:85:inf"}

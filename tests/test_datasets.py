@@ -21,7 +21,7 @@ from pipeline_assets.steps.geography import (
     districts,
     raw_input,
 )
-from pipeline_assets.steps.io import sha256_file
+from resources.files import sha256_file
 
 TINY = DatasetConfig(households=300, qrf_donors=400, qrf_trees=10, seed=7)
 

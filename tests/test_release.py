@@ -14,7 +14,7 @@ from pipeline_assets.steps import geography
 from pipeline_assets.steps.calibration import household_feature, load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.datasets import load_dataset
-from pipeline_assets.steps.io import sha256_file
+from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus, RunStoreError
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pipeline_assets.steps.io import atomic_path
+from resources.files import atomic_path
 from resources.run_store import LocalRunStore, RunMeta, RunStatus, RunStoreError
 
 RUN = "1.0.0_a1b2c3d4_20260318_143022"

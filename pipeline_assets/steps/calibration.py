@@ -20,7 +20,7 @@ from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import CalibrationConfig
 from pipeline_assets.steps.datasets import Dataset, load_dataset
 from pipeline_assets.steps.h5io import open_for_write, read_frame, write_columns
-from pipeline_assets.steps.io import atomic_path
+from resources.files import atomic_path
 from pipeline_assets.steps.results import StepResult
 
 LEVELS = ("national", "state", "district")

@@ -27,7 +27,7 @@ from .geography import (
     districts,
     raw_input,
 )
-from .io import atomic_path, sha256_file
+from resources.files import atomic_path, sha256_file
 from .results import StepResult
 
 SCHEMA_VERSION = "1"

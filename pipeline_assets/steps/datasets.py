@@ -26,7 +26,7 @@ from pipeline_assets.steps.geography import (
     raw_input,
 )
 from pipeline_assets.steps.h5io import open_for_write, read_frame, write_frame
-from pipeline_assets.steps.io import atomic_path, sha256_file
+from resources.files import atomic_path, sha256_file
 from pipeline_assets.steps.results import StepResult
 
 SOURCE_FILE = "cps_taxunits.csv.gz"

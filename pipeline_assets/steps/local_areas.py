@@ -17,7 +17,7 @@ from pipeline_assets.steps import geography
 from pipeline_assets.steps.calibration import load_calibration_package
 from pipeline_assets.steps.datasets import Dataset, load_dataset
 from pipeline_assets.steps.h5io import open_for_write, write_columns, write_frame
-from pipeline_assets.steps.io import atomic_path, sha256_file
+from resources.files import atomic_path, sha256_file
 
 CLONE_GEOGRAPHY = ("district", "state", "county")
 

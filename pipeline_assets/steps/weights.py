@@ -12,7 +12,7 @@ from l0.calibration import SparseCalibrationWeights
 
 from pipeline_assets.steps.calibration import CalibrationPackage, load_calibration_package, relative_errors
 from pipeline_assets.steps.config import FitConfig
-from pipeline_assets.steps.io import atomic_path
+from resources.files import atomic_path
 from pipeline_assets.steps.results import StepResult
 
 SCOPE_LEVELS = {"local": ("state", "district"), "national": ("national",)}

@@ -42,6 +42,10 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> Path:
+    """Small records (meta.json, the registry): flushed to disk before the rename makes them visible."""
     with atomic_path(final) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
     return Path(final)

@@ -1,0 +1,96 @@
+"""Issue 4's bench: streamed hashing against `openssl dgst -sha256` on the same files, the cost of
+one runtime-environment capture, and a fit-settings-only re-run (with step reuse) against a full run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import median_seconds, timed, write_result
+from pipeline_assets.driver import run_release
+from pipeline_assets.identity import running_code_sha
+from pipeline_assets.steps.config import config_for_scale
+from resources.files import sha256_file
+from resources.git import CodeState
+from resources.run_store import LocalRunStore
+from resources.runtime import capture
+
+
+def hashing(tmp: Path, size_mb: int, repeats: int) -> dict:
+    files = []
+    for i in range(3):
+        path = tmp / f"blob_{i}.bin"
+        with open(path, "wb") as handle:
+            for _ in range(size_mb):
+                handle.write(os.urandom(1 << 20))
+        files.append(path)
+    total_bytes = sum(p.stat().st_size for p in files)
+    for path in files:  # warm the page cache for both contenders
+        sha256_file(path)
+    ours, _ = median_seconds(lambda: [sha256_file(p) for p in files], repeats)
+    openssl, _ = median_seconds(
+        lambda: subprocess.run(["openssl", "dgst", "-sha256", *map(str, files)], check=True, capture_output=True), repeats
+    )
+    return {
+        "bytes": total_bytes,
+        "ours_gb_per_s": total_bytes / ours / 1e9,
+        "openssl_gb_per_s": total_bytes / openssl / 1e9,
+        "ratio_ours_over_openssl": openssl / ours,
+        "goal_ratio": 0.9,
+    }
+
+
+def environment_capture(repeats: int) -> dict:
+    first, _ = timed(capture)
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        capture()
+        samples.append(time.perf_counter() - started)
+    return {"first_call_ms": first * 1e3, "median_ms": statistics.median(samples) * 1e3, "goal_ms": 50}
+
+
+def refit_rerun(scale: str) -> dict:
+    sha = running_code_sha()
+    code = CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None)
+    base = config_for_scale(scale)
+    changed = config_for_scale(scale, local_fit={"lambda_l0": base.local_fit.lambda_l0 * 2})
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalRunStore(tmp)
+        full, _ = timed(lambda: run_release(store, base, code, running_sha=sha))
+        rerun, (meta, _) = timed(lambda: run_release(store, changed, code, running_sha=sha))
+    return {
+        "full_run_s": full,
+        "fit_settings_rerun_s": rerun,
+        "ratio": rerun / full,
+        "goal_ratio": 0.35,
+        "rerun_steps": {step: {"reuse": t.reuse, "seconds": t.duration_s} for step, t in meta.step_timings.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", default="reference")
+    parser.add_argument("--hash-mb", type=int, default=256, help="size of each of the three hashed files")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        hashed = hashing(Path(tmp), args.hash_mb, args.repeats)
+    write_result(
+        f"provenance_{args.scale}",
+        {
+            "hashing": hashed,
+            "environment_capture": environment_capture(200),
+            "fit_settings_only_rerun": refit_rerun(args.scale),
+            "scale": args.scale,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

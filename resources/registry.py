@@ -1,0 +1,170 @@
+"""The version registry, version_manifest.json: every release ever promoted, newest first.
+
+The registry is append-only: `add` puts one new version at the front and never rewrites or drops
+an entry, so concurrent promotions can be refused but never lose each other's entries. Locally a
+file lock serialises writers; on GCS the write is conditioned on the generation that was read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import random
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, Literal, Protocol
+
+from google.api_core.exceptions import NotFound, PreconditionFailed
+from google.cloud import storage
+from pydantic import BaseModel
+
+from resources.files import write_bytes_atomic
+
+# semver.org's own regular expression, with ASCII digits only.
+_IDENT = r"(?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)"
+SEMVER = re.compile(
+    r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    rf"(?:-{_IDENT}(?:\.{_IDENT})*)?"
+    r"(?:\+[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*)?"
+)
+GCS_BACKOFF_CAP_S = 0.5
+
+
+class InvalidVersion(ValueError):
+    pass
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class DuplicateVersion(RegistryError):
+    pass
+
+
+def validate_version(text: str) -> str:
+    """Return `text` if it is a semantic version; a release name is public and permanent."""
+    if not isinstance(text, str) or not SEMVER.fullmatch(text):
+        raise InvalidVersion(
+            f"invalid version {text!r}: expected MAJOR.MINOR.PATCH with optional -prerelease "
+            "and +build (semver.org), e.g. 1.2.3, 1.2.3-rc.1, 1.2.3+build.5"
+        )
+    return text
+
+
+class HfInfo(BaseModel):
+    repo: str
+    commit: str
+
+
+class GcsInfo(BaseModel):
+    bucket: str
+    generations: dict[str, int]
+
+
+class VersionManifest(BaseModel):
+    """One release; field names follow what existing readers of such registries expect."""
+
+    version: str
+    created_at: datetime
+    hf: HfInfo | None
+    gcs: GcsInfo | None
+    special_operation: Literal["roll-back"] | None = None
+    roll_back_version: str | None = None
+    run_id: str
+    diagnostics_path: str
+    git_sha: str
+    env_id: str | None
+    config_hash: str | None
+    tro_path: str
+    tro_sha256: str
+
+
+class Registry(BaseModel):
+    current: str | None = None
+    versions: list[VersionManifest] = []
+
+    def with_entry(self, entry: VersionManifest) -> Registry:
+        """The registry with `entry` in front and made current; existing entries untouched."""
+        validate_version(entry.version)
+        if any(known.version == entry.version for known in self.versions):
+            raise DuplicateVersion(f"version {entry.version} is already in the registry")
+        return Registry(current=entry.version, versions=[entry, *self.versions])
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+
+class RegistryBackend(Protocol):
+    def read(self) -> Registry: ...
+
+    def add(self, entry: VersionManifest) -> Registry: ...
+
+
+class LocalRegistry:
+    """version_manifest.json on a local (or mounted) file system."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> Registry:
+        try:
+            return Registry.model_validate_json(self.path.read_bytes())
+        except FileNotFoundError:
+            return Registry()
+
+    def add(self, entry: VersionManifest) -> Registry:
+        with self._locked():
+            registry = self.read().with_entry(entry)
+            write_bytes_atomic(self.path, registry.to_json())
+        return registry
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Lock a sibling file: the registry itself is replaced on every write, so its inode
+        (and any lock held on it) would not outlive the first writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+
+class GcsRegistry:
+    """version_manifest.json in a bucket; optimistic concurrency on the object's generation."""
+
+    def __init__(self, client: storage.Client, bucket: str,
+                 blob_name: str = "version_manifest.json", max_attempts: int = 50):
+        self.bucket = client.bucket(bucket)
+        self.blob_name = blob_name
+        self.max_attempts = max_attempts
+
+    def read(self) -> Registry:
+        return self._read()[0]
+
+    def add(self, entry: VersionManifest) -> Registry:
+        for attempt in range(self.max_attempts):
+            registry, generation = self._read()
+            updated = registry.with_entry(entry)
+            try:
+                self.bucket.blob(self.blob_name).upload_from_string(
+                    updated.to_json(), content_type="application/json",
+                    if_generation_match=generation,
+                )
+                return updated
+            except PreconditionFailed:  # another writer got in between: re-read, try again
+                time.sleep(random.uniform(0, min(GCS_BACKOFF_CAP_S, 0.01 * 2**attempt)))
+        raise RegistryError(
+            f"gs://{self.bucket.name}/{self.blob_name}: version {entry.version} not added; "
+            f"the object changed under each of {self.max_attempts} attempts"
+        )
+
+    def _read(self) -> tuple[Registry, int]:
+        """The registry and the generation it was read at (0, which matches no object, if none)."""
+        blob = self.bucket.blob(self.blob_name)
+        try:
+            data = blob.download_as_bytes()
+        except NotFound:
+            return Registry(), 0
+        return Registry.model_validate_json(data), int(blob.generation)
