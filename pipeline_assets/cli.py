@@ -8,10 +8,14 @@ from pathlib import Path
 
 from pipeline_assets.identity import InvalidRunId, SOURCE_ROOT, VersionSkewError, parse_run_id, running_code_sha
 from pipeline_assets.steps.config import SCALES, config_for_scale
+from pipeline_assets.promotion import PromotionFailed
 from resources.git import GitError, code_state
+from resources.publishers import PublishError
+from resources.registry import RegistryError
 from resources.run_store import LocalRunStore, RunMeta, RunStoreError
 
-USER_ERRORS = (InvalidRunId, VersionSkewError, GitError, RunStoreError, ValueError)
+USER_ERRORS = (InvalidRunId, VersionSkewError, GitError, RunStoreError, ValueError)  # includes refusals
+BACKEND_ERRORS = (PromotionFailed, RegistryError, PublishError)
 
 
 class CliError(Exception):
@@ -30,6 +34,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
     return value
 
 
@@ -53,6 +67,20 @@ def build_parser() -> OneLineParser:
 
     status = commands.add_parser("status", help="a table of runs, or one run's steps")
     status.add_argument("run_id", nargs="?")
+
+    promote = commands.add_parser("promote", help="publish a completed run as a release version")
+    promote.add_argument("run_id")
+    promote.add_argument("--version", required=True, help="the release version, semver MAJOR.MINOR.PATCH")
+    promote.add_argument("--allow-dirty", action="store_true", help="promote a run made from a dirty work tree")
+
+    rollback = commands.add_parser("rollback", help="publish an older version's files as a new version")
+    rollback.add_argument("--to", required=True, dest="to_version", help="the version whose files to publish")
+    rollback.add_argument("--as", required=True, dest="as_version", help="the new version")
+
+    commands.add_parser("versions", help="the version registry, newest first")
+
+    clean = commands.add_parser("clean", help="remove old runs that no registry entry references")
+    clean.add_argument("--keep", type=_count, required=True, help="how many of the newest runs to keep")
 
     verify = commands.add_parser("verify", help="re-hash a run's files against its TRO and check its signature")
     verify.add_argument("run_id")
@@ -161,16 +189,110 @@ def command_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _backends():
+    from pipeline_assets.definitions import defs
+
+    return defs.resources["release_backends"]
+
+
+def command_promote(args: argparse.Namespace) -> int:
+    """Refuse fast (one line, nothing written), then materialize the promotion asset in Dagster."""
+    from dagster import DagsterInstance
+
+    from pipeline_assets.definitions import defs
+    from pipeline_assets.launch import dagster_home
+    from pipeline_assets.partitions import RUN_IDS
+    from pipeline_assets.promotion import check_promotable
+
+    parse_run_id(args.run_id)
+    store = LocalRunStore()
+    backends = _backends()
+    check_promotable(store, args.run_id, args.version, backends.registry_backend(store), args.allow_dirty)
+    dagster_home()
+    with DagsterInstance.get() as instance:
+        if not instance.has_dynamic_partition(RUN_IDS, args.run_id):
+            instance.add_dynamic_partitions(RUN_IDS, [args.run_id])
+        result = defs.resolve_job_def("promote").execute_in_process(
+            partition_key=args.run_id,
+            instance=instance,
+            raise_on_error=False,
+            run_config={
+                "ops": {"promotion": {"config": {"version": args.version, "allow_dirty": args.allow_dirty}}},
+                "resources": {"run_store": {"config": {"root": str(store.root)}}},
+            },
+        )
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        message = failure.step_failure_data.error.message.strip().splitlines()[-1] if failure else "see the Dagster run"
+        print(f"usdata-pipeline: error: promotion of {args.run_id} failed: {message}", file=sys.stderr)
+        return 1
+    meta = store.read_meta(args.run_id)
+    print(f"promoted {args.run_id} as {args.version} to {', '.join(meta.promotion.published)}")
+    return 0
+
+
+def command_rollback(args: argparse.Namespace) -> int:
+    from pipeline_assets.promotion import rollback
+
+    store = LocalRunStore()
+    backends = _backends()
+    entry = rollback(store, args.to_version, args.as_version, backends.publishers(store),
+                     backends.registry_backend(store), store.root / "production")
+    print(f"released {entry.version}: the files of {entry.roll_back_version} (run {entry.run_id})")
+    return 0
+
+
+def command_versions(args: argparse.Namespace) -> int:
+    store = LocalRunStore()
+    registry = _backends().registry_backend(store).read()
+    if not registry.versions:
+        print("no versions registered")
+        return 0
+    print(f"{'':2}{'version':<12}{'created':<21}{'run_id':<36}{'sha':<10}{'operation'}")
+    for entry in registry.versions:
+        mark = "* " if entry.version == registry.current else "  "
+        operation = f"roll-back to {entry.roll_back_version}" if entry.special_operation else ""
+        print(f"{mark}{entry.version:<12}{entry.created_at:%Y-%m-%d %H:%M:%S}  {entry.run_id:<36}{entry.git_sha[:8]:<10}{operation}")
+    return 0
+
+
+def command_clean(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from pipeline_assets.launch import dagster_home
+    from pipeline_assets.partitions import RUN_IDS
+    from pipeline_assets.promotion import clean
+
+    store = LocalRunStore()
+    removed = clean(store, _backends().registry_backend(store), args.keep)
+    dagster_home()
+    with DagsterInstance.get() as instance:
+        for run_id in removed:
+            if instance.has_dynamic_partition(RUN_IDS, run_id):
+                instance.delete_dynamic_partition(RUN_IDS, run_id)
+    print(f"removed {len(removed)} run(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
+COMMANDS = {
+    "run": command_run, "status": command_status, "verify": command_verify, "promote": command_promote,
+    "rollback": command_rollback, "versions": command_versions, "clean": command_clean,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": command_run, "status": command_status, "verify": command_verify}[args.command](args)
+        return COMMANDS[args.command](args)
     except CliError as exc:
         print(f"usdata-pipeline: error: {exc}", file=sys.stderr)
         return 2
     except USER_ERRORS as exc:
         print(f"usdata-pipeline: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    except BACKEND_ERRORS as exc:
+        print(f"usdata-pipeline: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

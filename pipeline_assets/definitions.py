@@ -2,19 +2,33 @@
 
 from dagster import Definitions, load_assets_from_modules
 
-from pipeline_assets import calibration, database, datasets, diagnostics, local_areas
+import os
+
+from pipeline_assets import calibration, database, datasets, diagnostics, local_areas, release
 from pipeline_assets.checks import ALL_CHECKS
-from pipeline_assets.jobs import release_job
-from resources.dagster_resources import CodeResource, ComputeResource, RunStoreResource, RuntimeResource
+from pipeline_assets.jobs import promote_job, release_job
+from resources.dagster_resources import (
+    CodeResource,
+    ComputeResource,
+    ReleaseBackendsResource,
+    RunStoreResource,
+    RuntimeResource,
+)
 
 defs = Definitions(
-    assets=load_assets_from_modules([database, datasets, calibration, local_areas, diagnostics]),
+    assets=load_assets_from_modules([database, datasets, calibration, local_areas, diagnostics, release]),
     asset_checks=ALL_CHECKS,
-    jobs=[release_job],
+    jobs=[release_job, promote_job],
     resources={
         "run_store": RunStoreResource(),
         "compute": ComputeResource(),
         "runtime": RuntimeResource(),
         "code": CodeResource(),
+        "release_backends": ReleaseBackendsResource(
+            gcs_bucket=os.environ.get("PIPELINE_GCS_BUCKET"),
+            gcs_project=os.environ.get("PIPELINE_GCS_PROJECT"),
+            hf_repo=os.environ.get("PIPELINE_HF_REPO"),
+            registry=os.environ.get("PIPELINE_REGISTRY", "local"),
+        ),
     },
 )

@@ -8,9 +8,17 @@ RELEASE_JOB = "release"
 # forkserver: each step process starts from a warm server instead of a cold interpreter.
 release_executor = multiprocess_executor.configured({"start_method": {"forkserver": {}}, "max_concurrent": 2})
 
+PROMOTE_JOB = "promote"
+
 release_job = define_asset_job(
     RELEASE_JOB,
-    selection=AssetSelection.all(),
+    selection=AssetSelection.all() - AssetSelection.assets("promotion"),
     executor_def=release_executor,
     description="One whole release: database, datasets, calibration, both fits, 489 area files, diagnostics.",
+)
+
+promote_job = define_asset_job(
+    PROMOTE_JOB,
+    selection=AssetSelection.assets("promotion"),
+    description="Promote one run_id partition to a release version (config: version, allow_dirty).",
 )

@@ -162,6 +162,8 @@ class TransparentResearchObject(Node):
     diff_sha256: str | None = Field(None, alias="pe:diffSha256")
     env_id: str | None = Field(None, alias="pe:envId")
     config_hash: str | None = Field(None, alias="pe:configHash")
+    version: str | None = Field(None, alias="pe:version")  # release TROs only
+    run_tro: str | None = Field(None, alias="pe:runTro")  # release TROs: the run's TRO they publish
 
 
 class TroDocument(Node):
@@ -278,6 +280,33 @@ def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None) 
         diff_sha256=meta.diff_sha256,
         env_id=meta.env_id,
         config_hash=meta.config_hash,
+    )
+    return TroDocument(graph=[tro]).model_dump(mode="json", exclude_none=True)
+
+
+def build_release_tro(store: LocalRunStore, run_id: str, version: str, files: dict[str, str], run_tro: str) -> dict:
+    """The TRO of a release: the published files (path in the release -> sha256), pointing at the
+    TRO of the run they come from (which is itself one of the files)."""
+    meta = store.read_meta(run_id)
+    composition, arrangements = _compose({"arrangement/release": (f"release {version} (paths relative to production/{version}/)", files)})
+    tro = TransparentResearchObject(
+        id="release",
+        name=f"usdata-pipeline release {version}",
+        description=f"release {version}: the files of run {run_id} promoted",
+        date_created=utcnow(),
+        assembled_by=TrustedResearchSystem(name=f"usdata-pipeline {package_version()}"),
+        composition=composition,
+        arrangements=arrangements,
+        performances=[],
+        run_id=run_id,
+        git_sha=meta.sha,
+        branch=meta.branch,
+        dirty=meta.dirty,
+        diff_sha256=meta.diff_sha256,
+        env_id=meta.env_id,
+        config_hash=meta.config_hash,
+        version=version,
+        run_tro=run_tro,
     )
     return TroDocument(graph=[tro]).model_dump(mode="json", exclude_none=True)
 

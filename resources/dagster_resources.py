@@ -46,3 +46,47 @@ class RuntimeResource(ConfigurableResource):
 
     def capture(self) -> RuntimeEnvironment:
         return capture(compute_pool=self.compute_pool, cloud_region=self.cloud_region)
+
+
+class ReleaseBackendsResource(ConfigurableResource):
+    """Where promotion publishes and which registry it writes; the choice is configuration.
+
+    The local store's production/ and version_manifest.json by default; a GCS bucket (through
+    dagster-gcp) and a Hugging Face repo (huggingface_hub reads HF_TOKEN itself) when named.
+    """
+
+    local: bool = True
+    gcs_bucket: str | None = None
+    gcs_project: str | None = None
+    hf_repo: str | None = None
+    registry: str = "local"  # local | gcs
+
+    def publishers(self, store: LocalRunStore) -> dict:
+        from resources.publishers import GcsPublisher, HfPublisher, LocalPublisher
+
+        chosen = {}
+        if self.local:
+            chosen["local"] = LocalPublisher(store.root)
+        if self.gcs_bucket:
+            chosen["gcs"] = GcsPublisher(self._gcs_client(), self.gcs_bucket)
+        if self.hf_repo:
+            from huggingface_hub import HfApi
+
+            chosen["hf"] = HfPublisher(HfApi(), self.hf_repo)
+        return chosen
+
+    def registry_backend(self, store: LocalRunStore):
+        from resources.registry import GcsRegistry, LocalRegistry
+
+        if self.registry == "gcs":
+            if not self.gcs_bucket:
+                raise ValueError("registry 'gcs' needs gcs_bucket (PIPELINE_GCS_BUCKET)")
+            return GcsRegistry(self._gcs_client(), self.gcs_bucket)
+        if self.registry != "local":
+            raise ValueError(f"unknown registry backend {self.registry!r}: expected 'local' or 'gcs'")
+        return LocalRegistry(store.root / "version_manifest.json")
+
+    def _gcs_client(self):
+        from dagster_gcp import GCSResource
+
+        return GCSResource(project=self.gcs_project).get_client()

@@ -63,6 +63,15 @@ class RunError(BaseModel):
     message: str
 
 
+class PromotionState(BaseModel):
+    """Where a promotion got to: what each backend holds, and what failed (the registry is written
+    only when every backend succeeded, so a failed promotion is simply run again)."""
+
+    version: str
+    published: dict[str, str] = Field(default_factory=dict)  # backend -> location
+    failed: dict[str, str] = Field(default_factory=dict)  # backend -> error
+
+
 class RunMeta(BaseModel):
     """runs/{run_id}/meta.json: what a run is, where its code came from, and how far it got."""
 
@@ -82,6 +91,7 @@ class RunMeta(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
     step_timings: dict[str, StepTiming] = Field(default_factory=dict)
     error: RunError | None = None
+    promotion: PromotionState | None = None
 
     def transition(self, status: RunStatus) -> None:
         if status not in ALLOWED_TRANSITIONS[self.status]:

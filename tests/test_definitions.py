@@ -6,21 +6,22 @@ from pipeline_assets import defs
 from pipeline_assets.checks import ALL_CHECKS
 from pipeline_assets.steps import geography
 
+RELEASE = ["staged_release", "promotion"]
 STAGES = ["policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics"]
 
 
 def test_asset_keys_and_groups():
     graph = defs.resolve_asset_graph()
     keys = graph.get_all_asset_keys()
-    assert len(keys) == len(STAGES) + geography.AREA_COUNT + 1
-    for stage in STAGES + ["national_h5"]:
+    assert len(keys) == len(STAGES) + geography.AREA_COUNT + 1 + len(RELEASE)
+    for stage in STAGES + ["national_h5"] + RELEASE:
         assert AssetKey(stage) in keys
     groups: dict[str, set] = {}
     for key in keys:
         groups.setdefault(graph.get(key).group_name, set()).add(key)
     assert len(groups["states"]) == 51 and len(groups["districts"]) == 436 and groups["cities"] == {AssetKey(["cities", "NYC"])}
     assert AssetKey(["states", "AL"]) in groups["states"] and AssetKey(["districts", "DC_01"]) in groups["districts"]
-    assert groups["release"] == {AssetKey(s) for s in STAGES + ["national_h5"]}
+    assert groups["release"] == {AssetKey(s) for s in STAGES + ["national_h5"] + RELEASE}
 
 
 def test_every_asset_is_partitioned_by_run_id_and_versioned():
@@ -47,3 +48,9 @@ def test_checks_cover_hashes_areas_quality_and_skew():
     assert ("national_h5", "all_areas_present") in check_keys and ("national_h5", "no_version_skew") in check_keys
     job = defs.resolve_job_def("release")
     assert job.partitions_def.name == "run_ids"
+
+
+def test_promotion_is_outside_the_release_job():
+    release = defs.resolve_job_def("release").asset_layer.selected_asset_keys
+    assert AssetKey("staged_release") in release and AssetKey("promotion") not in release
+    assert defs.resolve_job_def("promote").asset_layer.selected_asset_keys == {AssetKey("promotion")}

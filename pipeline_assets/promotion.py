@@ -1,0 +1,235 @@
+"""Staging and promotion: the deliberate act that turns a reviewed run into a release.
+
+`stage_release` gathers what a release publishes under staging/{run_id}/ with a manifest of paths
+and sha256s. `promote` refuses (one line, nothing written) unless the run completed, its files
+verify against its TRO, its tree was clean (or dirt is allowed) and the version is new valid semver;
+then it publishes to every backend and, only when all succeeded, writes the registry and marks the
+run promoted. A backend failure leaves the registry as it was and meta.json saying what is where.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pipeline_assets import stages
+from pipeline_assets.tro import TRO_NAME, build_release_tro, canonical_bytes, tro_revisions, verify_run
+from resources.files import sha256_file, write_bytes_atomic
+from resources.publishers import Publisher
+from resources.registry import DuplicateVersion, RegistryBackend, VersionManifest, validate_version
+from resources.run_store import LocalRunStore, PromotionState, RunStatus, RunStoreError, utcnow
+
+STAGING_MANIFEST = "manifest.json"
+RELEASE_TRO = "release.tro.jsonld"
+# What a release publishes: run path prefix -> path in the release ("" keeps the run's path).
+PUBLISHED = {
+    f"{stages.H5_ROOT}/": "",  # h5s/states/AL.h5 -> states/AL.h5
+    "artifacts/policy_data.db": "artifacts/policy_data.db",
+    "artifacts/source_datasets.h5": "artifacts/source_datasets.h5",
+    "artifacts/state_weights.npy": "artifacts/state_weights.npy",
+    "artifacts/national_weights.npy": "artifacts/national_weights.npy",
+    f"{stages.DIAGNOSTICS}/": f"{stages.DIAGNOSTICS}/",
+}
+
+
+class PromotionRefused(ValueError):
+    """A promotion that must not happen; nothing was written."""
+
+
+class PromotionFailed(RuntimeError):
+    """A backend failed midway; the registry is unchanged and meta.json says what is where."""
+
+
+class StagingManifest(BaseModel):
+    run_id: str
+    files: dict[str, str]  # path in the release -> sha256
+
+
+def release_path(run_rel: str) -> str | None:
+    for prefix, target in PUBLISHED.items():
+        if run_rel == prefix or (prefix.endswith("/") and run_rel.startswith(prefix)):
+            return target + run_rel.removeprefix(prefix) if prefix.endswith("/") else target
+    return None
+
+
+def staging_key(run_id: str, rel: str = "") -> str:
+    return f"staging/{run_id}/{rel}".rstrip("/")
+
+
+def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
+    """Hard-link the run's published files (and its latest TRO) under staging/{run_id}/."""
+    run_prefix = store.run_key(run_id) + "/"
+    files: dict[str, Path] = {}
+    for key in store.list(store.run_key(run_id)):
+        rel = release_path(key.removeprefix(run_prefix))
+        if rel is not None and rel.endswith((".h5", ".db", ".npy", ".csv", ".json")) and "areas.json" not in rel:
+            files[rel] = store.path(key)
+    revisions = tro_revisions(store, run_id)
+    if not revisions:
+        raise PromotionRefused(f"run {run_id} has no TRO: it has not completed")
+    files[TRO_NAME] = revisions[-1]
+    manifest = StagingManifest(run_id=run_id, files={rel: sha256_file(path) for rel, path in sorted(files.items())})
+    for rel, source in files.items():
+        target = store.path(staging_key(run_id, rel))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+    write_bytes_atomic(store.path(staging_key(run_id, STAGING_MANIFEST)), manifest.model_dump_json(indent=2).encode())
+    return manifest
+
+
+def read_staging(store: LocalRunStore, run_id: str) -> StagingManifest:
+    key = staging_key(run_id, STAGING_MANIFEST)
+    if not store.exists(key):
+        raise PromotionRefused(f"run {run_id} is not staged: materialize staged_release for it first")
+    return StagingManifest.model_validate_json(store.read_bytes(key))
+
+
+def check_promotable(store: LocalRunStore, run_id: str, version: str, registry: RegistryBackend, allow_dirty: bool) -> StagingManifest:
+    """Every refusal is a one-line PromotionRefused; nothing is written by a refusal."""
+    validate_version(version)
+    try:
+        meta = store.read_meta(run_id)
+    except RunStoreError as exc:
+        raise PromotionRefused(str(exc)) from None
+    if meta.status is not RunStatus.completed:
+        raise PromotionRefused(f"run {run_id} is {meta.status.value}: only a completed run can be promoted")
+    if meta.dirty and not allow_dirty:
+        raise PromotionRefused(f"run {run_id} was made from a dirty work tree (diff {meta.diff_sha256[:12]}); pass --allow-dirty to promote it anyway")
+    if any(entry.version == version for entry in registry.read().versions):
+        raise PromotionRefused(f"version {version} is already in the registry: versions are never rewritten")
+    report = verify_run(store, run_id)
+    if not report.ok:
+        raise PromotionRefused(f"run {run_id} does not verify against its TRO: {report.lines()[0]}")
+    staged = read_staging(store, run_id)
+    for rel, digest in staged.files.items():
+        path = store.path(staging_key(run_id, rel))
+        if not path.is_file() or sha256_file(path) != digest:
+            raise PromotionRefused(f"staged file {rel} of run {run_id} does not match its manifest")
+    return staged
+
+
+def promote(
+    store: LocalRunStore,
+    run_id: str,
+    version: str,
+    publishers: dict[str, Publisher],
+    registry: RegistryBackend,
+    allow_dirty: bool = False,
+) -> VersionManifest:
+    """Publish a staged, verified run as `version` on every backend, then register it."""
+    staged = check_promotable(store, run_id, version, registry, allow_dirty)
+    files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
+    release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
+    if not release_tro.exists():
+        doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME)
+        write_bytes_atomic(release_tro, canonical_bytes(doc))
+    files[RELEASE_TRO] = release_tro
+    return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
+                                tro_sha256=staged.files[TRO_NAME])
+
+
+def publish_and_register(
+    store: LocalRunStore,
+    run_id: str,
+    version: str,
+    files: dict[str, Path],
+    publishers: dict[str, Publisher],
+    registry: RegistryBackend,
+    tro_path: str,
+    tro_sha256: str,
+    roll_back_version: str | None = None,
+) -> VersionManifest:
+    """All-or-nothing: the registry entry is added only after every backend published."""
+    meta = store.read_meta(run_id)
+    state = PromotionState(version=version)
+    results = {}
+    for name, publisher in publishers.items():
+        try:
+            results[name] = publisher.publish(version, files)
+            state.published[name] = results[name].location
+        except Exception as exc:  # any backend failure stops the promotion before the registry
+            state.failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            break
+    if roll_back_version is None:
+        store.update_meta(run_id, lambda m: setattr(m, "promotion", state))
+    if state.failed:
+        where = ", ".join(f"{k}: {v}" for k, v in state.published.items()) or "nowhere"
+        raise PromotionFailed(
+            f"promotion of {run_id} as {version} failed on {', '.join(state.failed)} ({next(iter(state.failed.values()))}); "
+            f"registry unchanged; already published: {where}; run the promotion again to complete it"
+        )
+    entry = VersionManifest(
+        version=version,
+        created_at=utcnow(),
+        hf=next((r.hf for r in results.values() if r.hf), None),
+        gcs=next((r.gcs for r in results.values() if r.gcs), None),
+        special_operation="roll-back" if roll_back_version else None,
+        roll_back_version=roll_back_version,
+        run_id=run_id,
+        diagnostics_path=f"production/{version}/{stages.DIAGNOSTICS}",
+        git_sha=meta.sha,
+        env_id=meta.env_id,
+        config_hash=meta.config_hash,
+        tro_path=tro_path,
+        tro_sha256=tro_sha256,
+    )
+    try:
+        registry.add(entry)
+    except DuplicateVersion as exc:
+        raise PromotionRefused(str(exc)) from None
+    if roll_back_version is None:
+        store.update_meta(run_id, lambda m: m.transition(RunStatus.promoted))
+    return entry
+
+
+def rollback(
+    store: LocalRunStore,
+    to_version: str,
+    as_version: str,
+    publishers: dict[str, Publisher],
+    registry: RegistryBackend,
+    production_root: Path,
+) -> VersionManifest:
+    """A rollback is a release: `as_version` publishes exactly the files of `to_version`."""
+    validate_version(as_version)
+    versions = {entry.version: entry for entry in registry.read().versions}
+    if to_version not in versions:
+        raise PromotionRefused(f"cannot roll back to {to_version}: it is not in the registry")
+    if as_version in versions:
+        raise PromotionRefused(f"version {as_version} is already in the registry: versions are never rewritten")
+    source = production_root / to_version
+    if not source.is_dir():
+        raise PromotionRefused(f"cannot roll back to {to_version}: its files are not at {source}")
+    files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*")) if p.is_file()}
+    old = versions[to_version]
+    return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
+                                tro_sha256=old.tro_sha256, roll_back_version=to_version)
+
+
+def referenced_runs(registry: RegistryBackend) -> set[str]:
+    return {entry.run_id for entry in registry.read().versions}
+
+
+def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[str]:
+    """Remove runs beyond the newest `keep` that no registry entry references; return their ids."""
+    if keep < 0:
+        raise ValueError(f"--keep {keep}: expected a number of runs >= 0")
+    referenced = referenced_runs(registry)
+    runs = store.list_runs()
+    removable = [m.run_id for m in runs[: max(len(runs) - keep, 0)] if m.run_id not in referenced]
+    for run_id in removable:
+        shutil.rmtree(store.path(store.run_key(run_id)))
+        shutil.rmtree(store.path(staging_key(run_id)), ignore_errors=True)
+    return removable
+
+
+def manifest_json(registry: RegistryBackend) -> str:
+    return json.dumps(registry.read().model_dump(mode="json"), indent=2)
