@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
             store = LocalRunStore(Path(tmp) / f"dagster_{repeat}")
             with DagsterInstance.get() as instance:
-                seconds, outcome = timed(lambda: launch_release(store, instance, config, code))
+                seconds, outcome = timed(lambda: launch_release(store, instance, config, code, running_sha=sha))
                 assert outcome.success, outcome.meta.error
                 dagster_walls.append(seconds)
                 steps = dagster_step_seconds(instance, outcome.dagster_run_id)

@@ -17,7 +17,15 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline_assets import stages
-from pipeline_assets.tro import TRO_NAME, build_release_tro, canonical_bytes, tro_revisions, verify_run
+from pipeline_assets.tro import (
+    TRO_NAME,
+    build_release_tro,
+    canonical_bytes,
+    signer_from_environment,
+    tro_revisions,
+    verify_run,
+    write_tro,
+)
 from resources.files import sha256_file, write_bytes_atomic
 from resources.publishers import Publisher
 from resources.registry import DuplicateVersion, RegistryBackend, VersionManifest, validate_version
@@ -61,17 +69,17 @@ def staging_key(run_id: str, rel: str = "") -> str:
 
 
 def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
-    """Hard-link the run's published files (and its latest TRO) under staging/{run_id}/."""
+    """Hard-link the run's published files and its latest TRO (written now if the run has none yet)
+    under staging/{run_id}/."""
     run_prefix = store.run_key(run_id) + "/"
     files: dict[str, Path] = {}
     for key in store.list(store.run_key(run_id)):
         rel = release_path(key.removeprefix(run_prefix))
         if rel is not None and rel.endswith((".h5", ".db", ".npy", ".csv", ".json")) and "areas.json" not in rel:
             files[rel] = store.path(key)
-    revisions = tro_revisions(store, run_id)
-    if not revisions:
-        raise PromotionRefused(f"run {run_id} has no TRO: it has not completed")
-    files[TRO_NAME] = revisions[-1]
+    if not tro_revisions(store, run_id):  # staging is the run's last step: its TRO is written here
+        write_tro(store, run_id, signer_from_environment())
+    files[TRO_NAME] = tro_revisions(store, run_id)[-1]
     manifest = StagingManifest(run_id=run_id, files={rel: sha256_file(path) for rel, path in sorted(files.items())})
     for rel, source in files.items():
         target = store.path(staging_key(run_id, rel))

@@ -35,8 +35,11 @@ def test_release_job_end_to_end(tmp_path):
         assert store.read_meta(run_id).status is RunStatus.completed
         assert run_id in instance.get_dynamic_partitions(RUN_IDS)
 
-        keys = defs.resolve_asset_graph().get_all_asset_keys()
-        for key in keys:
+        keys = defs.resolve_job_def("release").asset_layer.selected_asset_keys
+        staged = latest(instance, AssetKey("staged_release"), run_id)
+        assert staged["files"].value == 489 + 8  # areas, national, 4 artifacts, 3 diagnostics, the TRO
+        assert latest(instance, AssetKey("promotion"), run_id) is None  # promotion is never automatic
+        for key in keys - {AssetKey("staged_release")}:
             metadata = latest(instance, key, run_id)
             assert metadata is not None, key
             assert metadata["run_id"].value == run_id and metadata["git_sha"].value == PINNED_SHA
