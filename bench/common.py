@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,6 +11,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+
+from pipeline_assets.identity import running_code_sha
+from resources.git import CodeState
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,3 +48,17 @@ def write_result(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def bench_parser(doc: str | None, repeats: int) -> argparse.ArgumentParser:
+    """--scale (default reference) and --repeats, the options every bench takes."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--scale", default="reference")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
+
+
+def pinned_code() -> tuple[str, CodeState]:
+    """The running code's SHA, pinned for every run a bench makes (a commit mid-bench must not skew it)."""
+    sha = running_code_sha()
+    return sha, CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None)

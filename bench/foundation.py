@@ -3,35 +3,28 @@ step against l0-python called directly on the same matrix (ratio of medians)."""
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.common import median_seconds, write_result
+from bench.common import bench_parser, median_seconds, pinned_code, write_result
 from pipeline_assets import stages
 from pipeline_assets.driver import run_release
-from pipeline_assets.identity import running_code_sha
 from pipeline_assets.steps.calibration import load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.weights import fit_l0, fit_rows, fit_weights
-from resources.git import CodeState
 from resources.run_store import LocalRunStore
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scale", default="reference")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-
+    args = bench_parser(__doc__, repeats=3).parse_args(argv)
     config = config_for_scale(args.scale)
-    sha = running_code_sha()
+    sha, code = pinned_code()
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalRunStore(Path(tmp) / "store")
-        meta, results = run_release(store, config, CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None), running_sha=sha)
+        meta, results = run_release(store, config, code, running_sha=sha)
         steps = {name: timing.duration_s for name, timing in meta.step_timings.items()}
         package_path = stages.artifact(store, meta.run_id, "calibration_package")
         package = load_calibration_package(package_path)

@@ -4,7 +4,6 @@ the orchestration overhead of each step (Dagster's step time minus the step's ow
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -12,12 +11,10 @@ from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance
 
-from bench.common import timed, write_result
+from bench.common import bench_parser, pinned_code, timed, write_result
 from pipeline_assets.driver import run_release
-from pipeline_assets.identity import running_code_sha
 from pipeline_assets.launch import launch_release
 from pipeline_assets.steps.config import config_for_scale
-from resources.git import CodeState
 from resources.run_store import LocalRunStore
 
 
@@ -38,14 +35,9 @@ def dagster_step_seconds(instance: DagsterInstance, dagster_run_id: str) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scale", default="reference")
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args(argv)
-
+    args = bench_parser(__doc__, repeats=1).parse_args(argv)
     config = config_for_scale(args.scale)
-    sha = running_code_sha()
-    code = CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None)
+    sha, code = pinned_code()
     driver_walls, dagster_walls, overheads = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "dagster_home"

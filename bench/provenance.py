@@ -3,7 +3,6 @@ one runtime-environment capture, and a fit-settings-only re-run (with step reuse
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -11,12 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import median_seconds, timed, write_result
+from bench.common import bench_parser, median_seconds, pinned_code, timed, write_result
 from pipeline_assets.driver import run_release
-from pipeline_assets.identity import running_code_sha
 from pipeline_assets.steps.config import config_for_scale
 from resources.files import sha256_file
-from resources.git import CodeState
 from resources.run_store import LocalRunStore
 from resources.runtime import capture
 
@@ -56,8 +53,7 @@ def environment_capture(repeats: int) -> dict:
 
 
 def refit_rerun(scale: str) -> dict:
-    sha = running_code_sha()
-    code = CodeState(sha=sha, branch=None, dirty=False, diff_sha256=None)
+    sha, code = pinned_code()
     base = config_for_scale(scale)
     changed = config_for_scale(scale, local_fit={"lambda_l0": base.local_fit.lambda_l0 * 2})
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,10 +70,8 @@ def refit_rerun(scale: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scale", default="reference")
+    parser = bench_parser(__doc__, repeats=5)
     parser.add_argument("--hash-mb", type=int, default=256, help="size of each of the three hashed files")
-    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         hashed = hashing(Path(tmp), args.hash_mb, args.repeats)

@@ -27,24 +27,19 @@ class OneLineParser(argparse.ArgumentParser):
         raise CliError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`, with a one-line error otherwise."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+    return parse
 
 
 def build_parser() -> OneLineParser:
@@ -55,8 +50,8 @@ def build_parser() -> OneLineParser:
     run.add_argument("--branch", help="branch (or tag) to pin; default: the checkout's HEAD")
     run.add_argument("--sha", help="full or short SHA to pin (instead of --branch)")
     run.add_argument("--scale", choices=list(SCALES), default="small")
-    run.add_argument("--epochs", type=_positive_int, help="epochs of both fits (default: the scale's)")
-    run.add_argument("--workers", type=_positive_int, help="local area workers (default 2)")
+    run.add_argument("--epochs", type=_int_at_least(1), help="epochs of both fits (default: the scale's)")
+    run.add_argument("--workers", type=_int_at_least(1), help="local area workers (default 2)")
     database = run.add_mutually_exclusive_group()
     database.add_argument("--build-database", dest="build_database", action="store_true", default=True)
     database.add_argument("--reuse-database", dest="build_database", action="store_false",
@@ -67,6 +62,9 @@ def build_parser() -> OneLineParser:
 
     status = commands.add_parser("status", help="a table of runs, or one run's steps")
     status.add_argument("run_id", nargs="?")
+
+    resume = commands.add_parser("resume", help="re-execute the failed and never-run steps of a failed run")
+    resume.add_argument("run_id")
 
     promote = commands.add_parser("promote", help="publish a completed run as a release version")
     promote.add_argument("run_id")
@@ -80,7 +78,7 @@ def build_parser() -> OneLineParser:
     commands.add_parser("versions", help="the version registry, newest first")
 
     clean = commands.add_parser("clean", help="remove old runs that no registry entry references")
-    clean.add_argument("--keep", type=_count, required=True, help="how many of the newest runs to keep")
+    clean.add_argument("--keep", type=_int_at_least(0), required=True, help="how many of the newest runs to keep")
 
     verify = commands.add_parser("verify", help="re-hash a run's files against its TRO and check its signature")
     verify.add_argument("run_id")
@@ -113,7 +111,9 @@ def command_run(args: argparse.Namespace) -> int:
     home = dagster_home()
     print(f"pinned {code.sha} ({code.branch or 'detached'}{', dirty' if code.dirty else ''}); scale {args.scale}")
     with DagsterInstance.get() as instance:
-        outcome = launch_release(store, instance, config, code, report=_report, running_sha=running)
+        outcome = launch_release(
+            store, instance, config, code, report=_report, running_sha=running, compute={"workers": config.areas.workers}
+        )
         fits = fit_summary(instance, outcome.meta.run_id)
     print_summary(store, outcome.meta, home, fits, outcome.failed_checks)
     return 0 if outcome.meta.status.value == "completed" else 1
@@ -187,6 +187,26 @@ def command_verify(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(f"FAILED {args.run_id}: {line}")
     return 1
+
+
+def command_resume(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from pipeline_assets.launch import dagster_home, resume_release
+    from pipeline_assets.steps.config import RunConfig
+
+    parse_run_id(args.run_id)
+    store = LocalRunStore()
+    meta = store.read_meta(args.run_id)
+    workers = RunConfig.model_validate(meta.config).areas.workers
+    home = dagster_home()
+    print(f"resuming {args.run_id} at {meta.sha}")
+    with DagsterInstance.get() as instance:
+        outcome = resume_release(store, instance, args.run_id, report=_report, running_sha=running_code_sha(),
+                                 compute={"workers": workers})
+        fits = fit_summary(instance, args.run_id)
+    print_summary(store, outcome.meta, home, fits, outcome.failed_checks)
+    return 0 if outcome.meta.status.value == "completed" else 1
 
 
 def _backends():
@@ -275,7 +295,7 @@ def command_clean(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": command_run, "status": command_status, "verify": command_verify, "promote": command_promote,
+    "run": command_run, "resume": command_resume, "status": command_status, "verify": command_verify, "promote": command_promote,
     "rollback": command_rollback, "versions": command_versions, "clean": command_clean,
 }
 

@@ -14,14 +14,19 @@ from resources.dagster_resources import (
     RunStoreResource,
     RuntimeResource,
 )
+from sensors.git_sensor import git_commit_sensor
+from sensors.run_status import release_failure_sensor, release_success_sensor
 
 defs = Definitions(
     assets=load_assets_from_modules([database, datasets, calibration, local_areas, diagnostics, release]),
     asset_checks=ALL_CHECKS,
     jobs=[release_job, promote_job],
+    sensors=[git_commit_sensor, release_success_sensor, release_failure_sensor],
     resources={
         "run_store": RunStoreResource(),
-        "compute": ComputeResource(),
+        "compute": ComputeResource(
+            backend=os.environ.get("PIPELINE_COMPUTE", "local"), gpu=os.environ.get("PIPELINE_MODAL_GPU") or "A100"
+        ),
         "runtime": RuntimeResource(),
         "code": CodeResource(),
         "release_backends": ReleaseBackendsResource(

@@ -8,27 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, ReexecutionOptions, RunsFilter, execute_job, reconstructable
 
 from pipeline_assets.driver import start_run
+from pipeline_assets.identity import ensure_no_skew, running_code_sha
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import RunConfig
 from pipeline_assets.tro import signer_from_environment, tro_revisions, write_tro
 from resources.git import CodeState
-from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
+from resources.run_store import LocalRunStore, RunStoreError, RunError, RunMeta, RunStatus
 
 DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = ".dagster"
-
-def job_run_config(store: LocalRunStore, running_sha: str | None) -> dict:
-    """Resources configured explicitly, not through the environment: the executor's forkserver keeps
-    the environment it started with. Dagster's console log stays at warnings (the UI has it all)."""
-    code = {"sha": running_sha} if running_sha else {}
-    return {
-        "resources": {"run_store": {"config": {"root": str(store.root)}}, "code": {"config": code}},
-        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
-    }
-
 
 def dagster_home() -> Path:
     """$DAGSTER_HOME, defaulting to ./.dagster (created), exported so step processes agree."""
@@ -69,6 +60,16 @@ def _watch_steps(store: LocalRunStore, run_id: str, report: Callable[[str, str, 
             return
 
 
+def job_run_config(store: LocalRunStore, running_sha: str | None, compute: dict | None = None) -> dict:
+    """Resources configured explicitly, not through the environment: the executor's forkserver keeps
+    the environment it started with. Dagster's console log stays at warnings (the UI has it all)."""
+    code = {"sha": running_sha} if running_sha else {}
+    resources = {"run_store": {"config": {"root": str(store.root)}}, "code": {"config": code}}
+    if compute:
+        resources["compute"] = {"config": compute}
+    return {"resources": resources, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def launch_release(
     store: LocalRunStore,
     instance: DagsterInstance,
@@ -76,11 +77,45 @@ def launch_release(
     code: CodeState,
     report: Callable[[str, str, float | None], None] = lambda *_: None,
     running_sha: str | None = None,
+    compute: dict | None = None,
 ) -> LaunchOutcome:
     """Create the run, execute the release job for its partition, and leave meta.json settled."""
     meta = start_run(store, config, code)
-    run_id = meta.run_id
-    instance.add_dynamic_partitions(RUN_IDS, [run_id])
+    instance.add_dynamic_partitions(RUN_IDS, [meta.run_id])
+    tags = {"dagster/partition": meta.run_id, "git_sha": code.sha, "branch": code.branch or ""}
+    return _execute(store, instance, meta.run_id, job_run_config(store, running_sha, compute), tags, report)
+
+
+def resume_release(
+    store: LocalRunStore,
+    instance: DagsterInstance,
+    run_id: str,
+    report: Callable[[str, str, float | None], None] = lambda *_: None,
+    running_sha: str | None = None,
+    compute: dict | None = None,
+) -> LaunchOutcome:
+    """Re-execute only the failed and never-run steps of a failed run, at its pinned SHA.
+
+    The completed steps' outputs stay: Dagster re-executes from the failure, and a step whose
+    record in this run still verifies is kept rather than recomputed.
+    """
+    meta = store.read_meta(run_id)
+    if meta.status is not RunStatus.failed:
+        raise RunStoreError(f"run {run_id} is {meta.status.value}: only a failed run can be resumed")
+    ensure_no_skew(run_id, meta.sha, "resume", running_sha or running_code_sha())
+    parent = instance.get_runs(RunsFilter(tags={"dagster/partition": run_id}, statuses=[DagsterRunStatus.FAILURE]), limit=1)
+
+    def reopen(m: RunMeta) -> None:
+        m.transition(RunStatus.running)
+        m.error = None
+
+    store.update_meta(run_id, reopen)
+    options = ReexecutionOptions.from_failure(parent[0].run_id, instance) if parent else None
+    tags = {"dagster/partition": run_id, "git_sha": meta.sha, "branch": meta.branch or "", "resumed": "true"}
+    return _execute(store, instance, run_id, job_run_config(store, running_sha, compute), tags, report, options)
+
+
+def _execute(store, instance, run_id, run_config, tags, report, reexecution: ReexecutionOptions | None = None) -> LaunchOutcome:
     done = threading.Event()
     watcher = threading.Thread(target=_watch_steps, args=(store, run_id, report, done), daemon=True)
     watcher.start()
@@ -88,8 +123,9 @@ def launch_release(
         with execute_job(
             reconstructable(release_job),
             instance=instance,
-            run_config=job_run_config(store, running_sha),
-            tags={"dagster/partition": run_id, "git_sha": code.sha, "branch": code.branch or ""},
+            run_config=run_config,
+            tags=tags,
+            reexecution_options=reexecution,
         ) as result:
             success = result.success
             dagster_run_id = result.run_id

@@ -64,11 +64,15 @@ def local_areas(
     meta = store.read_meta(run_id)
     codes = {AREA_BY_KEY[key].code for key in context.selected_asset_keys}
     env = runtime.capture()
+    pool = compute.pool(meta.sha)
     results, record = run_step(
-        store, run_id, "local_areas", lambda: stages.execute_areas(store, run_id, compute.pool(), env, codes),
-        code.running_sha(),
+        store, run_id, "local_areas", lambda: stages.execute_areas(store, run_id, pool, env, codes), code.running_sha()
     )
-    shared = {**identity_metadata(meta, record), **environment_metadata(env)}
+    # Remote workers report their own environment; the files were built there, not here.
+    remote = getattr(pool, "last_environments", [])
+    shared = {**identity_metadata(meta, record), **environment_metadata(remote[0] if remote else env)}
+    if remote:
+        shared["remote_calls"] = len(remote)
     h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
     for result in results:
         yield MaterializeResult(

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline_assets import stages
+from pipeline_assets.reuse import read_record
 from pipeline_assets.tro import (
     TRO_NAME,
     build_release_tro,
@@ -70,18 +71,21 @@ def staging_key(run_id: str, rel: str = "") -> str:
 
 def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
     """Hard-link the run's published files and its latest TRO (written now if the run has none yet)
-    under staging/{run_id}/."""
-    run_prefix = store.run_key(run_id) + "/"
-    files: dict[str, Path] = {}
-    for key in store.list(store.run_key(run_id)):
-        rel = release_path(key.removeprefix(run_prefix))
-        if rel is not None and rel.endswith((".h5", ".db", ".npy", ".csv", ".json")) and "areas.json" not in rel:
-            files[rel] = store.path(key)
+    under staging/{run_id}/, with the hashes the steps recorded when they wrote them (promotion
+    re-verifies every one against the TRO before anything is published)."""
+    recorded = {rel: digest for step in stages.STEP_ORDER if (record := read_record(store, run_id, step))
+                for rel, digest in record.outputs.items()}
+    files = {}
+    for run_rel, digest in recorded.items():
+        rel = release_path(run_rel)
+        if rel is not None:
+            files[rel] = (store.path(store.run_key(run_id, run_rel)), digest)
     if not tro_revisions(store, run_id):  # staging is the run's last step: its TRO is written here
         write_tro(store, run_id, signer_from_environment())
-    files[TRO_NAME] = tro_revisions(store, run_id)[-1]
-    manifest = StagingManifest(run_id=run_id, files={rel: sha256_file(path) for rel, path in sorted(files.items())})
-    for rel, source in files.items():
+    tro = tro_revisions(store, run_id)[-1]
+    files[TRO_NAME] = (tro, sha256_file(tro))
+    manifest = StagingManifest(run_id=run_id, files={rel: digest for rel, (_, digest) in sorted(files.items())})
+    for rel, (source, _) in files.items():
         target = store.path(staging_key(run_id, rel))
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():

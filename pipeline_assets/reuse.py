@@ -61,7 +61,7 @@ def hash_outputs(store: LocalRunStore, run_id: str, relpaths: list[str]) -> dict
     return {rel: sha256_file(store.path(store.run_key(run_id, rel))) for rel in sorted(relpaths)}
 
 
-def _verifies(store: LocalRunStore, run_id: str, record: StepRecord) -> bool:
+def verifies(store: LocalRunStore, run_id: str, record: StepRecord) -> bool:
     for rel, expected in record.outputs.items():
         path = store.path(store.run_key(run_id, rel))
         if not path.is_file() or sha256_file(path) != expected:
@@ -75,7 +75,7 @@ def find_reusable(store: LocalRunStore, run_id: str, step: str, key: str) -> tup
         if meta.run_id == run_id:
             continue
         record = read_record(store, meta.run_id, step)
-        if record is not None and record.reuse_key == key and _verifies(store, meta.run_id, record):
+        if record is not None and record.reuse_key == key and verifies(store, meta.run_id, record):
             return meta.run_id, record
     return None
 

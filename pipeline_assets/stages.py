@@ -21,7 +21,16 @@ from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_ar
 from pipeline_assets.steps.results import StepResult
 from pipeline_assets.code_versions import code_version
 from pipeline_assets.identity_contract import env_id, hashed_config, step_config_hash
-from pipeline_assets.reuse import StepRecord, find_reusable, hash_outputs, link_outputs, read_record, reuse_key, write_record
+from pipeline_assets.reuse import (
+    StepRecord,
+    find_reusable,
+    hash_outputs,
+    link_outputs,
+    read_record,
+    reuse_key,
+    verifies,
+    write_record,
+)
 from resources.compute import LocalPool
 from resources.runtime import RuntimeEnvironment
 from resources.run_store import SEALED, LocalRunStore, utcnow
@@ -218,6 +227,12 @@ def execute_step(
     """Run one step, or reuse an earlier run's identical output (unless config.reuse is off)."""
     started = utcnow()
     probe = _record(store, run_id, step, config, env, outputs={})
+    kept = read_record(store, run_id, step)
+    if kept is not None and kept.reuse_key == probe.reuse_key and verifies(store, run_id, kept):
+        # A resumed run keeps what it already made: same code, environment, config and inputs.
+        run_dir = store.path(store.run_key(run_id))
+        outputs = {rel: run_dir / rel for rel in kept.outputs}
+        return StepResult(outputs=outputs, figures=kept.figures, reused_from=kept.reused_from), kept
     found = None
     if step in STEP_CONFIG and config.reuse:
         found = find_reusable(store, run_id, step, probe.reuse_key)

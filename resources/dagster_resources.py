@@ -29,12 +29,21 @@ class CodeResource(ConfigurableResource):
 
 
 class ComputeResource(ConfigurableResource):
-    """Where the 488 areas are built: a local process pool of `workers` processes."""
+    """Where the fanned-out work runs: `local` (a process pool of `workers`, the default) or `modal`
+    (the deployed app: `workers` parallel calls; the fit's GPU type is `gpu`)."""
 
+    backend: str = "local"  # local | modal
     workers: int = 2
     start_method: str = "forkserver"
+    gpu: str = "A100"
 
-    def pool(self) -> LocalPool:
+    def pool(self, pinned_sha: str | None = None):
+        if self.backend == "modal":
+            from resources.modal_compute import ModalCompute
+
+            return ModalCompute(workers=self.workers, gpu=self.gpu, pinned_sha=pinned_sha)
+        if self.backend != "local":
+            raise ValueError(f"unknown compute backend {self.backend!r}: expected 'local' or 'modal'")
         return LocalPool(self.workers, self.start_method)
 
 

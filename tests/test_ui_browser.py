@@ -164,7 +164,7 @@ def render(url: str, screenshot: Path, profile_root: Path, expected: list[str]) 
         command = [
             str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-            f"--virtual-time-budget={budget}", "--window-size=1600,1000", "--hide-scrollbars",
+            f"--virtual-time-budget={budget}", "--window-size=2600,1300", "--hide-scrollbars",
             f"--screenshot={screenshot}", "--dump-dom", url,
         ]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

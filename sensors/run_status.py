@@ -1,0 +1,91 @@
+"""Run-status sensors: keep meta.json true to how the Dagster run of a release ended.
+
+A run launched from the UI or by the git sensor has no caller waiting to settle its record, so these
+do it. Both are idempotent with `launch_release` and with the steps' own error records: they change
+nothing unless meta.json still says `running`. They return None, so one tick handles every run that
+ended since the last (a returned value would end the tick's batch).
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    DagsterEventType,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunStatusSensorContext,
+    run_failure_sensor,
+    run_status_sensor,
+)
+
+from pipeline_assets.jobs import release_job
+from pipeline_assets.launch import settle_run
+from resources.dagster_resources import RunStoreResource
+from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
+
+PARTITION_TAG = "dagster/partition"
+
+
+def _run_record(context: RunStatusSensorContext, run_store: RunStoreResource) -> tuple[LocalRunStore, str] | None:
+    """The store and run_id of the Dagster run's release, or None (logged) when it has no record.
+
+    The store root comes from the run's own config first: that is where its steps wrote.
+    """
+    run = context.dagster_run
+    root = run.run_config.get("resources", {}).get("run_store", {}).get("config", {}).get("root")
+    store = LocalRunStore(root) if root else run_store.store()
+    run_id = run.tags.get(PARTITION_TAG)
+    if not run_id or not store.exists(store.meta_key(run_id)):
+        context.log.warning(f"Dagster run {run.run_id}: no run record for partition {run_id!r} in {store.root}")
+        return None
+    return store, run_id
+
+
+def _failed_checks(context: RunStatusSensorContext) -> list[str]:
+    entries = context.instance.all_logs(context.dagster_run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+    evaluations = [entry.dagster_event.asset_check_evaluation_data for entry in entries]
+    return [f"{e.asset_key.to_user_string()}:{e.check_name}" for e in evaluations if not e.passed]
+
+
+@run_status_sensor(
+    name="release_success_sensor",
+    run_status=DagsterRunStatus.SUCCESS,
+    monitored_jobs=[release_job],
+    default_status=DefaultSensorStatus.RUNNING,
+    description="A successful release run: meta.json completed (or failed on a failed check), and its TRO.",
+)
+def release_success_sensor(context: RunStatusSensorContext, run_store: RunStoreResource):
+    record = _run_record(context, run_store)
+    if record:
+        meta = settle_run(*record, success=True, failed_checks=_failed_checks(context))
+        context.log.info(f"run {meta.run_id}: {meta.status.value}")
+
+
+@run_failure_sensor(
+    name="release_failure_sensor",
+    monitored_jobs=[release_job],
+    default_status=DefaultSensorStatus.RUNNING,
+    description="A failed release run: meta.json failed, naming the failing step and its error.",
+)
+def release_failure_sensor(context: RunFailureSensorContext, run_store: RunStoreResource):
+    record = _run_record(context, run_store)
+    if not record:
+        return
+    store, run_id = record
+    step, message = "run", context.failure_event.message  # failed outside any step (launch, executor)
+    failures = context.get_step_failure_events()
+    if failures:
+        step, error = failures[0].step_key, failures[0].step_failure_data.error
+        while error and error.cause:  # the user's own exception, not Dagster's wrapper around it
+            error = error.cause
+        message = error.message if error else f"step {step} failed"
+    line = next(iter((message or "").strip().splitlines()), "the Dagster run failed")
+
+    def fail(meta: RunMeta) -> None:
+        if meta.status is not RunStatus.running:
+            return
+        meta.error = meta.error or RunError(step=step, message=line)
+        meta.transition(RunStatus.failed)
+
+    meta = store.update_meta(run_id, fail)
+    context.log.info(f"run {run_id}: {meta.status.value}")

@@ -1,0 +1,158 @@
+"""ModalCompute against an injected Modal function double: the real step code runs, nothing leaves the machine."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline_assets import modal_app
+from pipeline_assets.identity import VersionSkewError
+from pipeline_assets.stages import H5_ROOT, artifact, fit_config
+from pipeline_assets.steps import geography
+from pipeline_assets.steps.config import RunConfig
+from pipeline_assets.steps.local_areas import build_area_h5, load_area_inputs
+from resources.files import sha256_file
+from resources.modal_compute import ModalCompute, stripes
+from tests.conftest import PINNED_SHA
+
+OTHER_SHA = "0badc0de" + "f" * 32
+AREA_ARTIFACTS = ("source_datasets", "calibration_package", "state_weights", "national_weights")
+
+
+class FakeModalFunction:
+    """Stands in for modal.Function: records every call and runs the function's body in a fake container.
+
+    Arguments and replies are pickled as Modal would; inside a call the environment is the image's
+    (PIPELINE_CODE_SHA) and Modal's region, task and image variables.
+    """
+
+    tasks = itertools.count(1)
+
+    def __init__(self, body, monkeypatch, image_sha=PINNED_SHA, options=None, log=None):
+        self.body, self.monkeypatch, self.image_sha = body, monkeypatch, image_sha
+        self.options = options or {}
+        self.log = log if log is not None else SimpleNamespace(remote=[], map=[], options=[])
+
+    def with_options(self, **options):
+        self.log.options.append(options)
+        return FakeModalFunction(self.body, self.monkeypatch, self.image_sha, {**self.options, **options}, self.log)
+
+    def remote(self, *args):
+        self.log.remote.append(args)
+        return self._run(args)
+
+    def map(self, *iterables):
+        calls = list(zip(*iterables))
+        self.log.map.append(calls)
+        return (self._run(args) for args in calls)
+
+    def _run(self, args):
+        with self.monkeypatch.context() as env:
+            env.setenv("PIPELINE_CODE_SHA", self.image_sha)
+            env.setenv("MODAL_REGION", "us-east-1")
+            env.setenv("MODAL_CLOUD_PROVIDER", "aws")
+            env.setenv("MODAL_IMAGE_ID", "im-usdata123")
+            env.setenv("MODAL_TASK_ID", f"ta-{next(self.tasks)}")
+            if "gpu" in self.options:
+                env.setenv("PIPELINE_COMPUTE_POOL", f"modal-gpu-{self.options['gpu']}")
+            return pickle.loads(pickle.dumps(self.body(*pickle.loads(pickle.dumps(args)))))
+
+
+def fake_functions(monkeypatch, image_sha=PINNED_SHA):
+    return SimpleNamespace(
+        fit_remote=FakeModalFunction(modal_app.fit_from_bytes, monkeypatch, image_sha),
+        build_areas_remote=FakeModalFunction(modal_app.areas_from_bytes, monkeypatch, image_sha),
+    )
+
+
+def area_args(tiny_release):
+    store, meta, _ = tiny_release
+    return tuple(artifact(store, meta.run_id, name) for name in AREA_ARTIFACTS)
+
+
+def some_areas(n):
+    everything = [*geography.areas(), geography.NATIONAL]
+    return [everything[i] for i in (0, 5, 60, 61, 487, 488)[:n]]  # states, districts, NYC, US
+
+
+def test_stripes_fan_out_to_at_most_the_workers():
+    assert stripes(list(range(6)), 3) == [[0, 3], [1, 4], [2, 5]]
+    assert stripes(list(range(2)), 50) == [[0], [1]]
+    assert sum(map(len, stripes(list(range(489)), 50))) == 489 and len(stripes(list(range(489)), 50)) == 50
+
+
+@pytest.mark.parametrize("workers, n_areas, width", [(3, 6, 3), (50, 2, 2)])
+def test_areas_fan_out_and_are_written_by_the_orchestrator(tiny_release, tmp_path, monkeypatch, workers, n_areas, width):
+    store, meta, _ = tiny_release
+    functions = fake_functions(monkeypatch)
+    compute = ModalCompute(workers=workers, functions=functions, pinned_sha=PINNED_SHA)
+    areas = some_areas(n_areas)
+
+    results = compute.map_with_inputs(build_area_h5, areas, load_area_inputs, area_args(tiny_release), tmp_path)
+
+    (calls,) = functions.build_areas_remote.log.map  # one .map, `width` containers
+    assert len(calls) == width
+    assert all(sha == PINNED_SHA for _, _, sha in calls)
+    assert sorted(code for _, codes, _ in calls for code in codes) == sorted(a.code for a in areas)
+    assert set(calls[0][0]) == set(modal_app.AREA_INPUTS)
+    assert [r.area for r in results] == [a.code for a in areas]
+    for area, result in zip(areas, results):
+        assert sha256_file(tmp_path / area.relpath) == result.sha256  # what the remote computed
+        # the same bytes as the local pool's file of the tiny run
+        assert result.sha256 == sha256_file(store.path(store.run_key(meta.run_id, f"{H5_ROOT}/{area.relpath}")))
+    assert len(compute.last_environments) == width
+    assert {e.cloud_region for e in compute.last_environments} == {"us-east-1"}
+    assert {e.container_image_digest for e in compute.last_environments} == {"im-usdata123"}
+    assert {e.cloud_provider for e in compute.last_environments} == {"aws"}
+    assert len({e.instance_id for e in compute.last_environments}) == width  # one task per chunk
+    assert all(e.instance_id.startswith("ta-") for e in compute.last_environments)
+
+
+def test_fit_runs_on_the_configured_gpu_and_returns_its_environment(tiny_release, tmp_path, monkeypatch):
+    store, meta, _ = tiny_release
+    config = fit_config(RunConfig.model_validate(meta.config), "national_weights")
+    functions = fake_functions(monkeypatch)
+    compute = ModalCompute(gpu="H100", functions=functions, pinned_sha=PINNED_SHA)
+
+    result = compute.fit(artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
+
+    log = functions.fit_remote.log
+    assert log.options == [{"gpu": "H100"}]
+    assert [args[2] for args in log.remote] == [PINNED_SHA]
+    assert result.outputs == {"weights": tmp_path / "w.npy", "calibration_log": tmp_path / "log.csv"}
+    assert result.figures["targets"] > 0 and result.figures["epochs"] == config.epochs
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), np.load(artifact(store, meta.run_id, "national_weights")))
+    (env,) = compute.last_environments
+    assert (env.cloud_region, env.container_image_digest, env.compute_pool) == ("us-east-1", "im-usdata123", "modal-gpu-H100")
+    assert env.instance_id.startswith("ta-")
+
+
+def test_a_remote_running_other_code_refuses(tiny_release, tmp_path, monkeypatch):
+    store, meta, _ = tiny_release
+    compute = ModalCompute(workers=2, functions=fake_functions(monkeypatch, image_sha=OTHER_SHA), pinned_sha=PINNED_SHA)
+    with pytest.raises(VersionSkewError) as areas_error:
+        compute.map_with_inputs(build_area_h5, some_areas(2), load_area_inputs, area_args(tiny_release), tmp_path)
+    config = fit_config(RunConfig.model_validate(meta.config), "state_weights")
+    with pytest.raises(VersionSkewError) as fit_error:
+        compute.fit(artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
+    for error in (areas_error, fit_error):
+        assert PINNED_SHA in str(error.value) and OTHER_SHA in str(error.value)
+    assert not list(tmp_path.rglob("*"))  # nothing written
+    assert compute.last_environments == []
+
+
+def test_only_the_step_functions_the_app_deploys_can_be_mapped(tmp_path, monkeypatch):
+    compute = ModalCompute(functions=fake_functions(monkeypatch), pinned_sha=PINNED_SHA)
+    with pytest.raises(ValueError, match="build_area_h5"):
+        compute.map_with_inputs(print, some_areas(1), load_area_inputs, (), tmp_path)
+
+
+def test_the_deploy_entry_point_defines_the_app():
+    assert modal_app.app.name == "usdata-pipeline"
+    assert modal_app.GPU == os.environ.get("PIPELINE_MODAL_GPU", "A100")
+    assert callable(modal_app.fit_remote.remote) and callable(modal_app.build_areas_remote.map)
