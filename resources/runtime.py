@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import socket
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -74,11 +75,12 @@ def library_versions() -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=1)
 def installed_distributions_sha256() -> str:
-    """sha256 of every installed distribution's name==version: the environment where no image digest exists."""
+    """sha256 of the installed distributions (their *.dist-info names carry name and version): the
+    environment where no image digest exists. Names only, so no metadata file is parsed."""
     names = sorted(
-        f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]
+        {entry.name.lower() for folder in map(Path, sys.path) if folder.is_dir() for entry in folder.glob("*.dist-info")}
     )
-    return hashlib.sha256("\n".join(dict.fromkeys(names)).encode()).hexdigest()
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
