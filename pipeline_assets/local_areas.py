@@ -13,6 +13,7 @@ from pipeline_assets import stages
 from pipeline_assets.driver import run_step
 from pipeline_assets.materialize import environment_metadata, file_metadata, identity_metadata
 from pipeline_assets.partitions import run_ids
+from pipeline_assets.tro import signer_from_environment, write_tro
 from pipeline_assets.steps import geography
 from resources.dagster_resources import CodeResource, ComputeResource, RunStoreResource, RuntimeResource
 
@@ -73,6 +74,8 @@ def local_areas(
     shared = {**identity_metadata(meta, record), **environment_metadata(remote[0] if remote else env)}
     if remote:
         shared["remote_calls"] = len(remote)
+    if record.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it
+        shared["tro_revision"] = write_tro(store, run_id, signer_from_environment()).name
     h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
     for result in results:
         yield MaterializeResult(

@@ -29,7 +29,7 @@ class StepRecord(BaseModel):
     inputs: dict[str, str]  # upstream step -> digest of its outputs
     outputs: dict[str, str]  # path relative to the run directory -> sha256
     figures: dict[str, float | int] = Field(default_factory=dict)
-    reuse: str = "computed"  # computed | reused
+    reuse: str = "computed"  # computed | reused | rebuilt (a verified backfill of a completed run)
     reused_from: str | None = None
     environment: dict = Field(default_factory=dict)
     started_at: datetime | None = None
@@ -43,6 +43,24 @@ def record_key(step: str) -> str:
     return f"steps/{step}.json"
 
 
+REBUILD_MARK = ".rebuild-"
+
+
+def next_rebuild_name(store: LocalRunStore, run_id: str, step: str) -> str:
+    """steps/{step}.rebuild-N.json with the next free N: rebuild records sit beside the original."""
+    n = 1
+    while store.exists(store.run_key(run_id, f"steps/{step}{REBUILD_MARK}{n}.json")):
+        n += 1
+    return f"steps/{step}{REBUILD_MARK}{n}.json"
+
+
+def rebuild_records(store: LocalRunStore, run_id: str) -> list[StepRecord]:
+    prefix = store.run_key(run_id, "steps/")
+    keys = [k for k in store.list(prefix) if REBUILD_MARK in k]
+    records = [StepRecord.model_validate_json(store.read_bytes(k)) for k in keys]
+    return sorted(records, key=lambda r: r.ended_at)
+
+
 def reuse_key(step: str, code_version: str, env_id: str, config_hash: str, inputs: dict[str, str]) -> str:
     payload = {"step": step, "code": code_version, "env": env_id, "config": config_hash, "inputs": inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -53,8 +71,8 @@ def read_record(store: LocalRunStore, run_id: str, step: str) -> StepRecord | No
     return StepRecord.model_validate_json(store.read_bytes(key)) if store.exists(key) else None
 
 
-def write_record(store: LocalRunStore, run_id: str, record: StepRecord) -> None:
-    store.write_run_file(run_id, record_key(record.step), record.model_dump_json(indent=2).encode())
+def write_record(store: LocalRunStore, run_id: str, record: StepRecord, name: str | None = None) -> None:
+    store.write_run_file(run_id, name or record_key(record.step), record.model_dump_json(indent=2).encode())
 
 
 def hash_outputs(store: LocalRunStore, run_id: str, relpaths: list[str]) -> dict[str, str]:

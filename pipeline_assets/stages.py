@@ -26,6 +26,7 @@ from pipeline_assets.reuse import (
     find_reusable,
     hash_outputs,
     link_outputs,
+    next_rebuild_name,
     read_record,
     reuse_key,
     verifies,
@@ -33,7 +34,7 @@ from pipeline_assets.reuse import (
 )
 from resources.compute import LocalPool
 from resources.runtime import RuntimeEnvironment
-from resources.run_store import SEALED, LocalRunStore, utcnow
+from resources.run_store import SEALED, LocalRunStore, RunStoreError, utcnow
 
 ARTIFACTS = {
     "policy_data_db": "artifacts/policy_data.db",
@@ -151,21 +152,48 @@ def run_fit(store: LocalRunStore, run_id: str, config: RunConfig, step: str) -> 
     )
 
 
+def wanted_areas(area_codes: set[str] | None) -> list:
+    wanted = [*geography.areas(), geography.NATIONAL]
+    return wanted if area_codes is None else [area for area in wanted if area.code in area_codes]
+
+
+def build_areas(store: LocalRunStore, run_id: str, pool: LocalPool, areas: list, out_root: Path) -> list[AreaResult]:
+    loader_args = tuple(artifact(store, run_id, name) for name in STEP_INPUTS["local_areas"])
+    return pool.map_with_inputs(build_area_h5, areas, load_area_inputs, loader_args, out_root)
+
+
 def run_local_areas(
     store: LocalRunStore, run_id: str, pool: LocalPool, area_codes: set[str] | None = None
 ) -> list[AreaResult]:
     """Build the 488 area files plus national (or the subset `area_codes`) on the worker pool."""
-    wanted = [*geography.areas(), geography.NATIONAL]
-    if area_codes is not None:
-        wanted = [area for area in wanted if area.code in area_codes]
-    out_root = store.path(store.run_key(run_id, H5_ROOT))
+    wanted = wanted_areas(area_codes)
     for area in wanted:
         store.output_path(run_id, f"{H5_ROOT}/{area.relpath}")  # refuses to rewrite a sealed run's file
-    loader_args = tuple(
-        artifact(store, run_id, name)
-        for name in ("source_datasets", "calibration_package", "state_weights", "national_weights")
-    )
-    return pool.map_with_inputs(build_area_h5, wanted, load_area_inputs, loader_args, out_root)
+    return build_areas(store, run_id, pool, wanted, store.path(store.run_key(run_id, H5_ROOT)))
+
+
+def rebuild_sealed_areas(
+    store: LocalRunStore, run_id: str, pool: LocalPool, area_codes: set[str] | None
+) -> list[AreaResult]:
+    """Rebuild areas of a completed run (a backfill) without rewriting anything it published.
+
+    The areas are built aside; each must come out byte-identical to the file the run holds (same
+    code, inputs and seeds), which then stays untouched. A file that would differ is refused: a
+    completed run is append-only, so a different result belongs in a new run.
+    """
+    aside = store.path(store.run_key(run_id, f".rebuild-{utcnow():%Y%m%d%H%M%S%f}"))
+    try:
+        results = build_areas(store, run_id, pool, wanted_areas(area_codes), aside)
+        recorded = read_record(store, run_id, "local_areas").outputs
+        changed = [r.relpath for r in results if recorded.get(f"{H5_ROOT}/{r.relpath}") != r.sha256]
+        if changed:
+            raise RunStoreError(
+                f"rebuilding {len(changed)} area(s) of completed run {run_id} gives other bytes "
+                f"(e.g. {changed[0]}); a completed run is append-only: start a new run"
+            )
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return results
 
 
 def run_diagnostics(store: LocalRunStore, run_id: str, config: RunConfig) -> StepResult:
@@ -265,13 +293,26 @@ def execute_step(
 def execute_areas(
     store: LocalRunStore, run_id: str, pool: LocalPool, env: RuntimeEnvironment, area_codes: set[str] | None = None
 ) -> tuple[list[AreaResult], StepRecord]:
-    """Build the area files and record every file's hash (a rebuild of some areas adds to the record)."""
+    """Build the area files and record every file's hash.
+
+    A rebuild of some areas adds to the run's record; a rebuild in a completed run is verified to
+    reproduce its files and recorded beside the original record (steps/local_areas.rebuild-N.json),
+    never over it.
+    """
     started = utcnow()
+    config = RunConfig.model_validate(store.read_meta(run_id).config)
+    if store.read_meta(run_id).status in SEALED:
+        results = rebuild_sealed_areas(store, run_id, pool, area_codes)
+        outputs = {f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results}
+        record = _record(store, run_id, "local_areas", config, env, outputs=dict(sorted(outputs.items())),
+                         started_at=started, ended_at=utcnow(), reuse="rebuilt")
+        write_record(store, run_id, record, name=next_rebuild_name(store, run_id, "local_areas"))
+        return results, record
     results = run_local_areas(store, run_id, pool, area_codes)
     previous = read_record(store, run_id, "local_areas")
     outputs = dict(previous.outputs) if previous and area_codes is not None else {}
     outputs.update({f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results})
-    record = _record(store, run_id, "local_areas", RunConfig.model_validate(store.read_meta(run_id).config), env,
-                     outputs=dict(sorted(outputs.items())), started_at=started)
+    record = _record(store, run_id, "local_areas", config, env,
+                     outputs=dict(sorted(outputs.items())), started_at=started, ended_at=utcnow())
     write_record(store, run_id, record)
     return results, record

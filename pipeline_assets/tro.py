@@ -21,7 +21,7 @@ from typing import Annotated, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, computed_field
 
 from pipeline_assets.identity import package_version
-from pipeline_assets.reuse import StepRecord, read_record
+from pipeline_assets.reuse import StepRecord, read_record, rebuild_records
 from pipeline_assets.stages import STEP_INPUTS, STEP_ORDER
 from pipeline_assets.steps.geography import raw_inputs_dir
 from resources.files import sha256_file
@@ -228,16 +228,16 @@ def _binding(performance_id: str, index: int, arrangement_id: str) -> Arrangemen
 
 def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> TrustedResearchPerformance:
     """A step's performance. Steps with no upstream step read the raw inputs; the others read
-    upstream files of the run. Times come from meta.json, which times the whole step (a step
-    record's ended_at is stamped before the step's work runs)."""
+    upstream files of the run. Times are the step record's (meta.json keeps only a step's latest
+    timing, which a backfill replaces)."""
     env = record.environment
     performance_id = f"trp/{index}"
     versions = env.get("library_versions")
     return TrustedResearchPerformance(
         id=performance_id,
         comment=f"step {record.step} ({record.reuse}{f' from {record.reused_from}' if record.reused_from else ''})",
-        started_at=timing.started_at if timing else record.started_at,
-        ended_at=timing.ended_at if timing and timing.ended_at else record.ended_at,
+        started_at=record.started_at or (timing.started_at if timing else None),
+        ended_at=record.ended_at,
         accessed=_binding(performance_id, 0, OUTPUTS_ID if STEP_INPUTS[record.step] else INPUTS_ID),
         contributed=_binding(performance_id, 1, OUTPUTS_ID),
         step=record.step,
@@ -261,6 +261,7 @@ def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None) 
     """The run's TRO as a JSON-LD document; `public_key` (armored) is the signer's, when signing."""
     meta = store.read_meta(run_id)
     records = [record for step in STEP_ORDER if (record := read_record(store, run_id, step)) is not None]
+    records += rebuild_records(store, run_id)  # backfills of a completed run, after its own steps
     composition, arrangements = _compose({
         INPUTS_ID: ("packaged raw inputs (paths relative to pipeline_assets/data/)", packaged_raw_inputs()),
         OUTPUTS_ID: (f"files of run {run_id} (paths relative to runs/{run_id}/)", run_files(store, run_id, records)),

@@ -204,7 +204,7 @@ def released(tmp_path_factory):
             patch.setenv(name, value)  # launch_release exports PIPELINE_STORE; the undo restores it
         code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
         with DagsterInstance.get() as instance:
-            outcome = launch_release(store, instance, config_for_scale("tiny"), code)
+            outcome = launch_release(store, instance, config_for_scale("tiny"), code, running_sha=PINNED_SHA)
             assert outcome.success and not outcome.failed_checks, (
                 f"the release run failed: {outcome.meta.error} {outcome.failed_checks}")
             run_id = outcome.meta.run_id
