@@ -227,6 +227,12 @@ def load_calibration_package(path: Path) -> CalibrationPackage:
     return CalibrationPackage(matrix=matrix, targets=targets, columns=columns)
 
 
+def load_package_columns(path: Path) -> pd.DataFrame:
+    """Only the clones' table (what the area files need), without reading the matrix."""
+    with h5py.File(path, "r") as h5:
+        return read_frame(h5["columns"])
+
+
 def relative_errors(estimate: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(estimate - target) / |target|, with |target| floored at 1 so zero targets stay finite."""
     return (estimate - target) / np.maximum(np.abs(target), 1.0)

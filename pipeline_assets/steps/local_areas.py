@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from pipeline_assets.steps import geography
-from pipeline_assets.steps.calibration import load_calibration_package
+from pipeline_assets.steps.calibration import load_package_columns
 from pipeline_assets.steps.datasets import Dataset, load_dataset
 from pipeline_assets.steps.h5io import open_for_write, write_columns, write_frame
 from resources.files import atomic_path, sha256_file
@@ -24,10 +24,16 @@ CLONE_GEOGRAPHY = ("district", "state", "county")
 
 @dataclass(frozen=True)
 class AreaInputs:
+    """What every area build reads, loaded once per worker, with the lookups an area needs indexed
+    once (clones by state, district and county; people and tax units by household), so building an
+    area costs in proportion to the area, not to the whole sample."""
+
     data: Dataset
     columns: pd.DataFrame
     local_weights: np.ndarray
     national_weights: np.ndarray
+    clones_by: dict[str, dict[str, np.ndarray]]
+    rows_by_household: dict[str, dict[int, np.ndarray]]
 
 
 class AreaResult(BaseModel):
@@ -42,37 +48,41 @@ class AreaResult(BaseModel):
 
 
 def load_area_inputs(dataset_path: Path, package_path: Path, local_weights: Path, national_weights: Path) -> AreaInputs:
-    package = load_calibration_package(package_path)
+    data = load_dataset(dataset_path)
+    columns = load_package_columns(package_path)
     return AreaInputs(
-        data=load_dataset(dataset_path),
-        columns=package.columns,
+        data=data,
+        columns=columns,
         local_weights=np.load(local_weights),
         national_weights=np.load(national_weights),
+        clones_by={name: columns.groupby(name).indices for name in CLONE_GEOGRAPHY},
+        rows_by_household={
+            "persons": data.persons.groupby("household_id").indices,
+            "tax_units": data.tax_units.groupby("household_id").indices,
+        },
     )
 
 
 def area_columns(area: geography.Area, inputs: AreaInputs) -> tuple[np.ndarray, np.ndarray]:
     """Indices and weights of the clones in `area` with nonzero weight (national weights for the US file)."""
-    columns = inputs.columns
+    empty = np.array([], dtype=int)
     if area.kind == "national":
-        weights, inside = inputs.national_weights, np.ones(len(columns), dtype=bool)
+        weights, inside = inputs.national_weights, np.arange(len(inputs.columns))
+    elif area.kind == "city":
+        weights = inputs.local_weights
+        by_county = inputs.clones_by["county"]
+        inside = np.sort(np.concatenate([by_county.get(c, empty) for c in geography.NYC_COUNTIES.values()]))
     else:
         weights = inputs.local_weights
-        if area.kind == "state":
-            inside = (columns["state"] == area.code).to_numpy()
-        elif area.kind == "district":
-            inside = (columns["district"] == area.code).to_numpy()
-        else:
-            inside = columns["county"].isin(geography.NYC_COUNTIES.values()).to_numpy()
-    chosen = np.flatnonzero(inside & (weights > 0))
+        inside = inputs.clones_by[area.kind].get(area.code, empty)
+    chosen = inside[weights[inside] > 0]
     return chosen, weights[chosen]
 
 
-def _members(frame: pd.DataFrame, household_ids: np.ndarray, clone_ids: np.ndarray) -> pd.DataFrame:
+def _members(frame: pd.DataFrame, positions: dict[int, np.ndarray], household_ids: np.ndarray, clone_ids: np.ndarray) -> pd.DataFrame:
     """Rows of `frame` belonging to each chosen clone's household, re-keyed to the clone's record id."""
-    positions = frame.groupby("household_id").indices
     parts = [positions[h] for h in household_ids]
-    counts = np.array([len(p) for p in parts])
+    counts = np.array([len(p) for p in parts], dtype=int)
     rows = frame.iloc[np.concatenate(parts) if parts else np.array([], dtype=int)].reset_index(drop=True)
     rows["source_household_id"] = rows["household_id"]
     rows["household_id"] = np.repeat(clone_ids, counts)
@@ -90,8 +100,8 @@ def build_area_h5(area: geography.Area, inputs: AreaInputs, out_root: Path) -> A
     households["clone"] = clone_rows["clone"].to_numpy()
     for name in CLONE_GEOGRAPHY:
         households[name] = clone_rows[name].to_numpy()
-    persons = _members(inputs.data.persons, source_ids, chosen)
-    tax_units = _members(inputs.data.tax_units, source_ids, chosen)
+    persons = _members(inputs.data.persons, inputs.rows_by_household["persons"], source_ids, chosen)
+    tax_units = _members(inputs.data.tax_units, inputs.rows_by_household["tax_units"], source_ids, chosen)
 
     out_path = out_root / area.relpath
     with atomic_path(out_path) as tmp, open_for_write(tmp) as h5:
