@@ -169,6 +169,13 @@ def test_promote_to_gcs_records_generations(store, gcs_client, gcs_bucket):
     assert data == store.path(f"staging/{run_id}/districts/AL-01.h5").read_bytes()
     assert json.loads(gcs_bucket.blob("version_manifest.json").download_as_bytes())["current"] == "5.0.0"
 
+    back = rollback(store, "5.0.0", "5.0.1", publishers, registry, store.root / "production")
+    registered = json.loads(gcs_bucket.blob("version_manifest.json").download_as_bytes())
+    assert registered["current"] == "5.0.1" and [v["version"] for v in registered["versions"]] == ["5.0.1", "5.0.0"]
+    assert registered["versions"][0]["special_operation"] == "roll-back" and registered["versions"][0]["roll_back_version"] == "5.0.0"
+    rolled = "production/5.0.1/districts/AL-01.h5"
+    assert gcs_bucket.blob(rolled, generation=back.gcs.generations[rolled]).download_as_bytes() == data
+
 
 def test_clean_keeps_referenced_runs(store):
     store, run_id = store
