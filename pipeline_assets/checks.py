@@ -13,7 +13,6 @@ from dagster import (
     AssetRecordsFilter,
     DagsterEventType,
     RunsFilter,
-    asset_check,
     multi_asset_check,
 )
 
@@ -22,7 +21,6 @@ from pipeline_assets.local_areas import AREA_KEYS, NATIONAL_KEY
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import RunConfig
 from resources.files import sha256_file
-from resources.dagster_resources import RunStoreResource
 
 STAGE_ASSETS = ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics")
 WEIGHT_ASSETS = ("state_weights", "national_weights")

@@ -51,9 +51,11 @@ def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], tu
     try:
         result, record = work()
     except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
         def fail(m: RunMeta) -> None:
             m.step_ended(step, "failed")
-            m.error = m.error or RunError(step=step, message=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            m.error = m.error or RunError(step=step, message=message)
             if m.status is RunStatus.running:  # a parallel step may have failed first
                 m.transition(RunStatus.failed)
 

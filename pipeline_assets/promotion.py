@@ -9,7 +9,6 @@ run promoted. A backend failure leaves the registry as it was and meta.json sayi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -242,6 +241,3 @@ def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[st
         shutil.rmtree(store.path(staging_key(run_id)), ignore_errors=True)
     return removable
 
-
-def manifest_json(registry: RegistryBackend) -> str:
-    return json.dumps(registry.read().model_dump(mode="json"), indent=2)

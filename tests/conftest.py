@@ -10,6 +10,7 @@ from resources.git import CodeState
 from resources.run_store import LocalRunStore
 
 PINNED_SHA = "a1b2c3d4" + "e" * 32
+pytest_plugins = ["tests.gcs_emulator"]  # the GCS emulator fixtures: gcs_endpoint, gcs_client, gcs_bucket
 
 
 @pytest.fixture(scope="session")

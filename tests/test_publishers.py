@@ -20,7 +20,6 @@ from resources.publishers import (
     gcs_client_from_resource,
 )
 from resources.registry import HfInfo, InvalidVersion
-from tests.gcs_emulator import gcs_bucket, gcs_client, gcs_endpoint  # noqa: F401
 
 RELEASE = {
     "states/AL.h5": b"alabama",

@@ -22,7 +22,7 @@ from resources.registry import (
     VersionManifest,
     validate_version,
 )
-from tests.gcs_emulator import gcs_bucket, gcs_client, gcs_endpoint, make_client  # noqa: F401
+from tests.gcs_emulator import make_client
 
 WRITERS = 20
 MANIFEST_FIELDS = {
