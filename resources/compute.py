@@ -42,6 +42,8 @@ class LocalPool:
             inputs = loader(*loader_args)
             return [task(item, inputs, out_root) for item in items]
         context = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":  # workers fork from a server that has imported the task
+            context.set_forkserver_preload([task.__module__, loader.__module__])
         chunksize = max(1, len(items) // (self.workers * 8))
         with ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context, initializer=_init_worker, initargs=(loader, loader_args)
