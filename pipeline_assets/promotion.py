@@ -9,7 +9,6 @@ run promoted. A backend failure leaves the registry as it was and meta.json sayi
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pipeline_assets.tro import (
     verify_run,
     write_tro,
 )
-from resources.files import sha256_file, write_bytes_atomic
+from resources.files import link_or_copy, sha256_file, write_bytes_atomic
 from resources.publishers import Publisher
 from resources.registry import DuplicateVersion, RegistryBackend, VersionManifest, validate_version
 from resources.run_store import LocalRunStore, PromotionState, RunStatus, RunStoreError, utcnow
@@ -88,10 +87,7 @@ def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
         target = store.path(staging_key(run_id, rel))
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copyfile(source, target)
+            link_or_copy(source, target)
     write_bytes_atomic(store.path(staging_key(run_id, STAGING_MANIFEST)), manifest.model_dump_json(indent=2).encode())
     return manifest
 

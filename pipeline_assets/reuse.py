@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from resources.files import sha256_file
+from resources.files import link_or_copy, sha256_file
 from resources.run_store import LocalRunStore, RunStoreError, utcnow
 
 
@@ -104,7 +102,4 @@ def link_outputs(store: LocalRunStore, source_run: str, run_id: str, record: Ste
         target = store.output_path(run_id, rel)
         if target.exists():
             raise RunStoreError(f"cannot reuse {rel} from {source_run}: run {run_id} already has it")
-        try:
-            os.link(source, target)
-        except OSError:  # another filesystem: copy instead
-            shutil.copyfile(source, target)
+        link_or_copy(source, target)

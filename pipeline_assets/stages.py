@@ -226,6 +226,12 @@ def _relative(store: LocalRunStore, run_id: str, paths) -> list[str]:
     return [str(Path(p).relative_to(run_dir)) for p in paths]
 
 
+def _result_of(store: LocalRunStore, run_id: str, record: StepRecord, reused_from: str | None) -> StepResult:
+    """The StepResult of a step taken from a record (kept or reused) instead of computed."""
+    run_dir = store.path(store.run_key(run_id))
+    return StepResult(outputs={rel: run_dir / rel for rel in record.outputs}, figures=record.figures, reused_from=reused_from)
+
+
 def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, outputs: dict[str, str], **extra) -> StepRecord:
     hashed = hashed_config(config)
     section_hash = step_config_hash({name: hashed[name] for name in STEP_CONFIG.get(step, ())})
@@ -258,19 +264,14 @@ def execute_step(
     kept = read_record(store, run_id, step)
     if kept is not None and kept.reuse_key == probe.reuse_key and verifies(store, run_id, kept):
         # A resumed run keeps what it already made: same code, environment, config and inputs.
-        run_dir = store.path(store.run_key(run_id))
-        outputs = {rel: run_dir / rel for rel in kept.outputs}
-        return StepResult(outputs=outputs, figures=kept.figures, reused_from=kept.reused_from), kept
+        return _result_of(store, run_id, kept, kept.reused_from), kept
     found = None
     if step in STEP_CONFIG and config.reuse:
         found = find_reusable(store, run_id, step, probe.reuse_key)
     if found is not None:
         source_run, source = found
         link_outputs(store, source_run, run_id, source)
-        run_dir = store.path(store.run_key(run_id))
-        result = StepResult(
-            outputs={rel: run_dir / rel for rel in source.outputs}, figures=source.figures, reused_from=source_run
-        )
+        result = _result_of(store, run_id, source, source_run)
         record = probe.model_copy(update={
             "outputs": source.outputs, "figures": source.figures, "reuse": "reused", "reused_from": source_run,
             "started_at": started, "ended_at": utcnow(),
@@ -300,8 +301,9 @@ def execute_areas(
     never over it.
     """
     started = utcnow()
-    config = RunConfig.model_validate(store.read_meta(run_id).config)
-    if store.read_meta(run_id).status in SEALED:
+    meta = store.read_meta(run_id)
+    config = RunConfig.model_validate(meta.config)
+    if meta.status in SEALED:
         results = rebuild_sealed_areas(store, run_id, pool, area_codes)
         outputs = {f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results}
         record = _record(store, run_id, "local_areas", config, env, outputs=dict(sorted(outputs.items())),

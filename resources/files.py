@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -49,3 +50,11 @@ def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     return Path(final)
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Share an immutable file by hard link (no bytes copied); copy where links cannot cross filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
