@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResul
 
 from pipeline_assets import stages
 from pipeline_assets.driver import run_step
-from pipeline_assets.materialize import environment_metadata, file_metadata, identity_metadata
+from pipeline_assets.materialize import file_metadata, identity_metadata, worker_environment_metadata
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.tro import signer_from_environment, write_tro
 from pipeline_assets.steps import geography
@@ -69,11 +69,7 @@ def local_areas(
     results, record = run_step(
         store, run_id, "local_areas", lambda: stages.execute_areas(store, run_id, pool, env, codes), code.running_sha()
     )
-    # Remote workers report their own environment; the files were built there, not here.
-    remote = getattr(pool, "last_environments", [])
-    shared = {**identity_metadata(meta, record), **environment_metadata(remote[0] if remote else env)}
-    if remote:
-        shared["remote_calls"] = len(remote)
+    shared = {**identity_metadata(meta, record), **worker_environment_metadata(pool, env)}
     if record.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it
         shared["tro_revision"] = write_tro(store, run_id, signer_from_environment()).name
     h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))

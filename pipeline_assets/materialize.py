@@ -11,7 +11,7 @@ from pipeline_assets.driver import run_step
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.reuse import StepRecord
 from pipeline_assets.steps.config import RunConfig
-from resources.dagster_resources import CodeResource, RunStoreResource, RuntimeResource
+from resources.dagster_resources import CodeResource, ComputeResource, RunStoreResource, RuntimeResource
 from resources.run_store import RunMeta
 from resources.runtime import RuntimeEnvironment
 
@@ -26,6 +26,15 @@ def environment_metadata(env: RuntimeEnvironment) -> dict:
         "hostname": env.hostname,
         "container_image_digest": env.container_image_digest or f"null ({env.container_image_reason})",
     }
+
+
+def worker_environment_metadata(pool, env: RuntimeEnvironment) -> dict:
+    """The environment where the step's files were made: a remote worker's own report when the step
+    ran remotely (with the number of remote calls), else this process's."""
+    remote = getattr(pool, "last_environments", [])
+    if not remote:
+        return environment_metadata(env)
+    return {**environment_metadata(remote[0]), "remote_calls": len(remote)}
 
 
 def file_metadata(path: Path, sha256: str) -> dict:
@@ -56,12 +65,12 @@ def figures_metadata(figures: dict) -> dict:
     return {name: (float(value) if isinstance(value, float) else int(value)) for name, value in figures.items()}
 
 
-def stage_metadata(meta: RunMeta, env: RuntimeEnvironment, record: StepRecord, run_dir: Path, primary: str) -> dict:
+def stage_metadata(meta: RunMeta, environment: dict, record: StepRecord, run_dir: Path, primary: str) -> dict:
     metadata = {
         **identity_metadata(meta, record),
         **file_metadata(run_dir / primary, record.outputs[primary]),
         **figures_metadata(record.figures),
-        **environment_metadata(env),
+        **environment,
     }
     if len(record.outputs) > 1:
         metadata["files"] = MetadataValue.json(
@@ -75,6 +84,7 @@ def execute_stage(
     run_store: RunStoreResource,
     runtime: RuntimeResource,
     code: CodeResource,
+    compute: ComputeResource,
     step: str,
     primary: str,
 ) -> MaterializeResult:
@@ -84,13 +94,14 @@ def execute_stage(
     meta = store.read_meta(run_id)
     config = RunConfig.model_validate(meta.config)
     env = runtime.capture()
+    pool = compute.pool(meta.sha)
     _result, record = run_step(
-        store, run_id, step, lambda: stages.execute_step(store, run_id, step, config, env), code.running_sha()
+        store, run_id, step, lambda: stages.execute_step(store, run_id, step, config, env, pool), code.running_sha()
     )
     if record.reused_from:
         context.log.info(f"{step}: reused the output of run {record.reused_from}")
     run_dir = store.path(store.run_key(run_id))
-    return MaterializeResult(metadata=stage_metadata(meta, env, record, run_dir, primary))
+    return MaterializeResult(metadata=stage_metadata(meta, worker_environment_metadata(pool, env), record, run_dir, primary))
 
 
 def stage_asset(step: str, description: str, kinds: set[str]):
@@ -111,7 +122,8 @@ def stage_asset(step: str, description: str, kinds: set[str]):
         run_store: RunStoreResource,
         runtime: RuntimeResource,
         code: CodeResource,
+        compute: ComputeResource,
     ) -> MaterializeResult:
-        return execute_stage(context, run_store, runtime, code, step, stages.PRIMARY_OUTPUTS[step])
+        return execute_stage(context, run_store, runtime, code, compute, step, stages.PRIMARY_OUTPUTS[step])
 
     return stage

@@ -139,12 +139,10 @@ def fit_config(config: RunConfig, step: str) -> FitConfig:
     return config.local_fit if FIT_SCOPES[step] == "local" else config.national_fit
 
 
-def run_fit(store: LocalRunStore, run_id: str, config: RunConfig, step: str) -> StepResult:
-    from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
-
-    scope = FIT_SCOPES[step]
-    log_name = "state_calibration_log" if scope == "local" else "national_calibration_log"
-    return fit_weights(
+def run_fit(store: LocalRunStore, run_id: str, config: RunConfig, step: str, compute) -> StepResult:
+    """Fit one scope's weights on the compute resource (the local process, or a remote GPU)."""
+    log_name = "state_calibration_log" if FIT_SCOPES[step] == "local" else "national_calibration_log"
+    return compute.fit(
         artifact(store, run_id, "calibration_package"),
         output(store, run_id, step),
         output(store, run_id, log_name),
@@ -215,8 +213,6 @@ RUNNERS = {
     "policy_data_db": run_database,
     "source_datasets": run_datasets,
     "calibration_package": run_calibration_package,
-    "state_weights": lambda store, run_id, config: run_fit(store, run_id, config, "state_weights"),
-    "national_weights": lambda store, run_id, config: run_fit(store, run_id, config, "national_weights"),
     "run_diagnostics": run_diagnostics,
 }
 
@@ -256,9 +252,12 @@ def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, out
 
 
 def execute_step(
-    store: LocalRunStore, run_id: str, step: str, config: RunConfig, env: RuntimeEnvironment
+    store: LocalRunStore, run_id: str, step: str, config: RunConfig, env: RuntimeEnvironment, compute=None
 ) -> tuple[StepResult, StepRecord]:
-    """Run one step, or reuse an earlier run's identical output (unless config.reuse is off)."""
+    """Run one step, or reuse an earlier run's identical output (unless config.reuse is off).
+
+    The fits run on `compute` (default: this process); the other steps always run here.
+    """
     started = utcnow()
     probe = _record(store, run_id, step, config, env, outputs={})
     kept = read_record(store, run_id, step)
@@ -277,7 +276,10 @@ def execute_step(
             "started_at": started, "ended_at": utcnow(),
         })
     else:
-        result = RUNNERS[step](store, run_id, config)
+        if step in FIT_SCOPES:
+            result = run_fit(store, run_id, config, step, compute or LocalPool())
+        else:
+            result = RUNNERS[step](store, run_id, config)
         written = [p for p in result.outputs.values() if Path(p).is_file()]
         record = probe.model_copy(update={
             "outputs": hash_outputs(store, run_id, _relative(store, run_id, written)),

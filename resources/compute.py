@@ -1,4 +1,4 @@
-"""Compute: where the fanned-out work runs. Locally, a process pool whose workers load inputs once."""
+"""Compute: where the fanned-out work runs. Locally, a process pool that loads the inputs once."""
 
 from __future__ import annotations
 
@@ -21,12 +21,28 @@ def _call(task: Callable, item, out_root: Path):
     return task(item, _worker_state["inputs"], out_root)
 
 
-class LocalPool:
-    """A pool of local worker processes (forkserver, so a threaded parent such as Dagster is safe)."""
+def default_start_method() -> str:
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "forkserver"
 
-    def __init__(self, workers: int = 2, start_method: str = "forkserver"):
+
+class LocalPool:
+    """A pool of local worker processes.
+
+    fork (the default where the platform has it): the inputs are loaded once, here, and the workers
+    inherit them and the imported code, so a worker is ready in milliseconds instead of importing
+    pandas and h5py and loading the inputs again. forkserver: each worker starts from a clean server
+    process and loads the inputs itself, for a parent that must not be forked.
+    """
+
+    def __init__(self, workers: int = 2, start_method: str | None = None):
         self.workers = workers
-        self.start_method = start_method
+        self.start_method = start_method or default_start_method()
+
+    def fit(self, package_path: Path, weights_path: Path, log_path: Path, config):
+        """Fit weights in this process: a fit is one process, its torch threads set by the config."""
+        from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
+
+        return fit_weights(package_path, weights_path, log_path, config)
 
     def map_with_inputs(
         self,
@@ -36,16 +52,23 @@ class LocalPool:
         loader_args: tuple,
         out_root: Path,
     ) -> list[Result]:
-        """Run task(item, inputs, out_root) for every item; each worker loads `inputs` once."""
+        """Run task(item, inputs, out_root) for every item, with inputs = loader(*loader_args) loaded once."""
         items = list(items)
         if self.workers == 1:
             inputs = loader(*loader_args)
             return [task(item, inputs, out_root) for item in items]
         context = multiprocessing.get_context(self.start_method)
-        if self.start_method == "forkserver":  # workers fork from a server that has imported the task
+        initializer, initargs = _init_worker, (loader, loader_args)
+        if self.start_method == "fork":
+            _worker_state["inputs"] = loader(*loader_args)
+            initializer, initargs = None, ()
+        elif self.start_method == "forkserver":  # workers fork from a server that has imported the task
             context.set_forkserver_preload([task.__module__, loader.__module__])
         chunksize = max(1, len(items) // (self.workers * 8))
-        with ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=context, initializer=_init_worker, initargs=(loader, loader_args)
-        ) as pool:
-            return list(pool.map(_call, [task] * len(items), items, [out_root] * len(items), chunksize=chunksize))
+        try:
+            with ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=context, initializer=initializer, initargs=initargs
+            ) as pool:
+                return list(pool.map(_call, [task] * len(items), items, [out_root] * len(items), chunksize=chunksize))
+        finally:
+            _worker_state.clear()

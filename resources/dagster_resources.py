@@ -34,7 +34,7 @@ class ComputeResource(ConfigurableResource):
 
     backend: str = "local"  # local | modal
     workers: int = 2
-    start_method: str = "forkserver"
+    start_method: str | None = None  # fork where the platform has it, else forkserver
     gpu: str = "A100"
 
     def pool(self, pinned_sha: str | None = None):

@@ -156,3 +156,46 @@ def test_the_deploy_entry_point_defines_the_app():
     assert modal_app.app.name == "usdata-pipeline"
     assert modal_app.GPU == os.environ.get("PIPELINE_MODAL_GPU", "A100")
     assert callable(modal_app.fit_remote.remote) and callable(modal_app.build_areas_remote.map)
+
+
+def test_release_job_on_modal_records_each_remote_environment(tmp_path, monkeypatch):
+    """The whole job with the compute resource set to Modal: the fits go to the configured GPU, the
+    areas fan out to `workers` containers, and the metadata carries the remotes' environments."""
+    import modal
+    from dagster import AssetKey, AssetRecordsFilter, instance_for_test
+
+    from pipeline_assets import defs
+    from pipeline_assets.driver import start_run
+    from pipeline_assets.launch import job_run_config
+    from pipeline_assets.partitions import RUN_IDS
+    from pipeline_assets.steps.config import config_for_scale
+    from resources.git import CodeState
+    from resources.run_store import LocalRunStore
+
+    functions = fake_functions(monkeypatch)
+    monkeypatch.setattr(modal.Function, "from_name", staticmethod(lambda app, name: getattr(functions, name)))
+    store = LocalRunStore(tmp_path / "store")
+    run_id = start_run(store, config_for_scale("tiny"), CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)).run_id
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(RUN_IDS, [run_id])
+        result = defs.resolve_job_def("release").execute_in_process(
+            partition_key=run_id, instance=instance,
+            run_config=job_run_config(store, PINNED_SHA, {"backend": "modal", "workers": 3, "gpu": "H100"}),
+        )
+        assert result.success
+
+        def metadata(key):
+            records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[run_id]), limit=1).records
+            return {name: value.value for name, value in records[0].asset_materialization.metadata.items()}
+
+        for fit in ("state_weights", "national_weights"):
+            assert metadata(AssetKey(fit))["compute_pool"] == "modal-gpu-H100"
+            assert metadata(AssetKey(fit))["runtime_environment"]["instance_id"].startswith("ta-")
+        area = metadata(AssetKey(["districts", "AL_01"]))
+        assert area["remote_calls"] == 3 and area["cloud_region"] == "us-east-1"
+        assert area["container_image_digest"] == "im-usdata123"
+        assert metadata(AssetKey("policy_data_db"))["compute_pool"] == "local"  # the other steps run here
+    assert functions.fit_remote.log.options == [{"gpu": "H100"}, {"gpu": "H100"}]
+    assert {args[2] for args in functions.fit_remote.log.remote} == {PINNED_SHA}
+    (calls,) = functions.build_areas_remote.log.map
+    assert len(calls) == 3 and {sha for _, _, sha in calls} == {PINNED_SHA}
