@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline_assets.identity import InvalidRunId, SOURCE_ROOT, VersionSkewError, parse_run_id, running_code_sha
-from pipeline_assets.steps.config import SCALES, config_for_scale
+from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
 from pipeline_assets.promotion import PromotionFailed
 from resources.git import GitError, code_state
 from resources.publishers import PublishError
@@ -82,6 +82,10 @@ def build_parser() -> OneLineParser:
 
     verify = commands.add_parser("verify", help="re-hash a run's files against its TRO and check its signature")
     verify.add_argument("run_id")
+
+    reproduce = commands.add_parser("reproduce", help="re-run a completed run at its SHA and config; compare the bytes")
+    reproduce.add_argument("run_id")
+    reproduce.add_argument("--force", action="store_true", help="reproduce even where the environment (env_id) differs")
     return parser
 
 
@@ -189,11 +193,36 @@ def command_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def command_reproduce(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from pipeline_assets.launch import dagster_home
+    from pipeline_assets.reproduce import REPORT, reproduce
+
+    parse_run_id(args.run_id)
+    store = LocalRunStore()
+    code = code_state(SOURCE_ROOT)
+    workers = RunConfig.model_validate(store.read_meta(args.run_id).config).areas.workers
+    dagster_home()
+    print(f"reproducing {args.run_id} at {code.sha}")
+    with DagsterInstance.get() as instance:
+        result = reproduce(store, instance, args.run_id, code, force=args.force, report=_report,
+                           compute={"workers": workers})
+    for difference in result.environment_differences:
+        print(f"environment differs: {difference.field}: {difference.recorded} -> {difference.current}")
+    identical = sum(a.identical for a in result.artifacts)
+    print(f"\n{result.reproduced_run_id}: {identical} of {len(result.artifacts)} files byte-identical to {args.run_id}")
+    for artifact in result.artifacts:
+        if not artifact.identical:
+            print(f"  differs: {artifact.path} ({artifact.reason or 'UNEXPECTED: not reproduced'})")
+    print(f"report      {store.path(store.run_key(result.reproduced_run_id, REPORT))}")
+    return 1 if result.unexpected else 0
+
+
 def command_resume(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from pipeline_assets.launch import dagster_home, resume_release
-    from pipeline_assets.steps.config import RunConfig
 
     parse_run_id(args.run_id)
     store = LocalRunStore()
@@ -295,7 +324,7 @@ def command_clean(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": command_run, "resume": command_resume, "status": command_status, "verify": command_verify, "promote": command_promote,
+    "run": command_run, "resume": command_resume, "reproduce": command_reproduce, "status": command_status, "verify": command_verify, "promote": command_promote,
     "rollback": command_rollback, "versions": command_versions, "clean": command_clean,
 }
 

@@ -6,7 +6,6 @@ release is.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Callable
 
@@ -21,7 +20,6 @@ from resources.git import CodeState
 from resources.runtime import capture
 from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
 
-AREAS_MANIFEST = f"{stages.H5_ROOT}/areas.json"
 
 
 def start_run(
@@ -87,8 +85,6 @@ def run_release(
     results: dict[str, object] = {}
     for step in stages.STEP_ORDER:
         results[step], _record = run_step(store, run_id, step, work(step), running_sha)
-    areas = [area.model_dump() for area in results["local_areas"]]
-    store.write_run_file(run_id, AREAS_MANIFEST, json.dumps(areas, indent=2).encode())
     meta = store.update_meta(run_id, lambda m: m.transition(RunStatus.completed))
     write_tro(store, run_id, signer_from_environment())
     return meta, results

@@ -8,7 +8,7 @@ RELEASE_JOB = "release"
 # forkserver: each step process forks from a server that has already imported the code location and
 # the fit's libraries (torch, l0), instead of starting a cold interpreter per step.
 release_executor = multiprocess_executor.configured({
-    "start_method": {"forkserver": {"preload_modules": ["pipeline_assets", "pipeline_assets.steps.weights"]}},
+    "start_method": {"forkserver": {"preload_modules": ["pipeline_assets.definitions", "pipeline_assets.steps.weights"]}},
     "max_concurrent": 2,
 })
 

@@ -204,7 +204,7 @@ def run_diagnostics(store: LocalRunStore, run_id: str, config: RunConfig) -> Ste
             "local": artifact(store, run_id, "state_calibration_log"),
             "national": artifact(store, run_id, "national_calibration_log"),
         },
-        config.model_dump(mode="json"),
+        hashed_config(config),  # what determines the results: labels, sizes and the reuse switch aside
         out_dir,
     )
 
