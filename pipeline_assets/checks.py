@@ -1,10 +1,13 @@
 """Asset checks: artifact hashes re-verified, 488 areas plus national present, calibration quality
-(blocking, so a bad fit never reaches the area files), and one git SHA across a run's assets."""
+(blocking, so a bad fit never reaches the area files), a fit no worse than its provenance class's
+history (a warning), and one git SHA across a run's assets."""
 
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
@@ -16,12 +19,14 @@ from dagster import (
     multi_asset_check,
 )
 
-from pipeline_assets import stages
+from pipeline_assets import history, stages
 from pipeline_assets.local_areas import AREA_KEYS, NATIONAL_KEY
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import RunConfig
 from resources.files import sha256_file
+from resources.run_store import LocalRunStore
 
+FIT_ERROR = "final_mean_rel_abs_error"  # the fit figure the quality and history checks judge
 STAGE_ASSETS = ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics")
 WEIGHT_ASSETS = ("state_weights", "national_weights")
 
@@ -85,6 +90,16 @@ def verify_hashes(context: AssetCheckExecutionContext, key: AssetKey) -> AssetCh
     )
 
 
+def failing_checks(evaluations: Iterable[AssetCheckEvaluation]) -> list[str]:
+    """'asset:check' of every evaluation that fails a run: not passed, at ERROR severity. A WARN
+    check that did not pass (a fit worse than its class's history) warns; the run still completes."""
+    return [
+        f"{e.asset_key.to_user_string()}:{e.check_name}"
+        for e in evaluations
+        if not e.passed and e.severity == AssetCheckSeverity.ERROR
+    ]
+
+
 UPSTREAM_ASSETS = ("policy_data_db", "source_datasets", "calibration_package")
 
 
@@ -100,11 +115,35 @@ def upstream_hashes(context: AssetCheckExecutionContext):
         yield verify_hashes(context, AssetKey(name))
 
 
+def class_history_check(store: LocalRunStore, run_id: str, name: str, factor: float) -> AssetCheckResult:
+    """A warning, never a block: a fit worse than its class's history by more than `factor` may
+    still be within the absolute thresholds, and a person should look before it is promoted."""
+    run = history.read_provenance(store, run_id)
+    verdict = history.history_verdict(run, history.class_history(store, run), f"{name}.{FIT_ERROR}", factor)
+    return AssetCheckResult(
+        asset_key=AssetKey(name),
+        check_name="calibration_error_vs_class_history",
+        passed=not verdict.excursion,
+        severity=AssetCheckSeverity.WARN,
+        description=verdict.summary(),
+        metadata={
+            FIT_ERROR: verdict.value,
+            "class_median": float("nan") if verdict.class_median is None else verdict.class_median,
+            "history_factor": factor,
+            "history_runs": len(verdict.history),
+            "class": f"config_hash {run.config_hash}, dataset_sha256 {run.dataset_sha256}",
+        },
+    )
+
+
 def quality_checks(name: str):
     specs = [
         AssetCheckSpec("sha256_verified", asset=name, blocking=True),
         AssetCheckSpec("calibration_quality", asset=name, blocking=True,
                        description="Mean and max rel_abs_error of the fit within the run's thresholds."),
+        AssetCheckSpec("calibration_error_vs_class_history", asset=name, blocking=False,
+                       description="Warn when the fit's final mean rel_abs_error exceeds quality.history_factor "
+                                   "x the median of the completed runs with the same config_hash and dataset."),
     ]
 
     @multi_asset_check(specs=specs, name=f"{name}_checks", required_resource_keys={"run_store"})
@@ -112,10 +151,9 @@ def quality_checks(name: str):
         key = AssetKey(name)
         yield verify_hashes(context, key)
         metadata = latest_metadata(context, key) or {}
-        quality = RunConfig.model_validate(
-            context.resources.run_store.store().read_meta(context.partition_key).config
-        ).quality
-        mean, worst = metadata.get("final_mean_rel_abs_error"), metadata.get("final_max_rel_abs_error")
+        store = context.resources.run_store.store()
+        quality = RunConfig.model_validate(store.read_meta(context.partition_key).config).quality
+        mean, worst = metadata.get(FIT_ERROR), metadata.get("final_max_rel_abs_error")
         passed = (
             mean is not None and worst is not None
             and mean <= quality.max_mean_rel_abs_error and worst <= quality.max_max_rel_abs_error
@@ -126,12 +164,13 @@ def quality_checks(name: str):
             passed=bool(passed),
             severity=AssetCheckSeverity.ERROR,
             metadata={
-                "final_mean_rel_abs_error": float("nan") if mean is None else float(mean),
+                FIT_ERROR: float("nan") if mean is None else float(mean),
                 "final_max_rel_abs_error": float("nan") if worst is None else float(worst),
                 "max_mean_rel_abs_error": quality.max_mean_rel_abs_error,
                 "max_max_rel_abs_error": quality.max_max_rel_abs_error,
             },
         )
+        yield class_history_check(store, context.partition_key, name, quality.history_factor)
 
     return checks
 

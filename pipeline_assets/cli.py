@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
+from pipeline_assets import history
 from pipeline_assets.identity import InvalidRunId, SOURCE_ROOT, VersionSkewError, parse_run_id, running_code_sha
 from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
 from pipeline_assets.promotion import PromotionFailed
@@ -86,7 +89,43 @@ def build_parser() -> OneLineParser:
     reproduce = commands.add_parser("reproduce", help="re-run a completed run at its SHA and config; compare the bytes")
     reproduce.add_argument("run_id")
     reproduce.add_argument("--force", action="store_true", help="reproduce even where the environment (env_id) differs")
+
+    runs = commands.add_parser("runs", help="runs with their provenance, filtered by any field")
+    _add_where(runs)
+    runs.add_argument("--fields", type=_field_list, default=[], metavar="FIELD[,FIELD]",
+                      help="more table columns, e.g. config.local_fit.epochs,state_weights.final_mean_rel_abs_error")
+    runs.add_argument("--format", choices=["table", "json"], default="table", help="json: every field of every run")
+
+    timeline = commands.add_parser("timeline", help="a metric over time per provenance class, excursions flagged")
+    timeline.add_argument("metric", help="a numeric field, e.g. state_weights.final_mean_rel_abs_error")
+    timeline.add_argument("--by", type=_field_list, required=True, metavar="FIELD[,FIELD]",
+                          help="the fields that make a class, e.g. config_hash,dataset_sha256")
+    timeline.add_argument("--factor", type=float, default=1.5,
+                          help="excursion: worse than this times the median of the class's other runs (> 1)")
+    timeline.add_argument("--higher-is-better", action="store_true", help="the metric improves upwards")
+    _add_where(timeline)
+    timeline.add_argument("--format", choices=["table", "json", "png"], default="table")
+    timeline.add_argument("--output", type=Path, help="the PNG to write (--format png)")
+    timeline.add_argument("--fail-on-excursion", action="store_true", help="exit 1 when any run is flagged")
+
+    compare = commands.add_parser("compare", help="what differs between two runs")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+    compare.add_argument("--format", choices=["table", "json"], default="table")
     return parser
+
+
+def _field_list(text: str) -> list[str]:
+    """An argparse type: FIELD[,FIELD] (no empty names)."""
+    names = text.split(",")
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD[,FIELD]")
+    return names
+
+
+def _add_where(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                        help="keep runs whose FIELD matches VALUE (a glob: sha=a1b2c3d4*); repeat to narrow")
 
 
 def _report(step: str, status: str, duration: float | None) -> None:
@@ -323,9 +362,84 @@ def command_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else history.render(value)
+
+
+def command_runs(args: argparse.Namespace) -> int:
+    """The provenance rows of the store's runs; json gives every field by the names --where takes."""
+    rows = history.list_runs(LocalRunStore(), args.where)
+    history.require_fields(rows, args.fields)
+    fields = [row.fields() for row in rows]
+    if args.format == "json":
+        print(json.dumps(fields, indent=2))
+        return 0
+    columns = ["run_id", "status", "sha", "created_at", "env_id", "config_hash", "dataset_sha256", *args.fields]
+    shown = {"sha": 8, "dataset_sha256": 12, "created_at": 19}  # prefixes wide enough to tell runs apart
+    table = [columns] + [[_cell(values.get(c))[:shown.get(c)] for c in columns] for values in fields]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    print(f"{len(rows)} run(s)")
+    return 0
+
+
+def _timeline_png(args: argparse.Namespace) -> Path:
+    """--output, or timeline_{metric}_by_{fields}.png here; only with --format png."""
+    if args.output and args.format != "png":
+        raise CliError("--output is for --format png")
+    default = re.sub(r"[^A-Za-z0-9._-]", "_", f"timeline_{args.metric}_by_{'_'.join(args.by)}") + ".png"
+    return args.output or Path(default)
+
+
+def command_timeline(args: argparse.Namespace) -> int:
+    """Exit 0 whatever the excursions (a query, not a gate) unless --fail-on-excursion: then 1."""
+    png = _timeline_png(args)
+    rows = history.list_runs(LocalRunStore(), args.where)
+    result = history.timeline(rows, args.metric, args.by, args.factor, args.higher_is_better)
+    flagged = result.excursions()
+    if args.format == "json":
+        print(result.model_dump_json(indent=2))
+    elif args.format == "png":
+        print(f"wrote {history.plot_timeline(result, png)}")
+    else:
+        worse = "below 1/" if args.higher_is_better else "above "
+        print(f"{result.metric} by {', '.join(result.by)}: excursion = {worse}{result.factor:g} x the median of "
+              "the class's other runs")
+        for cls in result.classes:
+            print(f"\n{cls.label()}  ({len(cls.points)} run(s), median {cls.median:.6g})")
+            for point in cls.points:
+                ratio = f"{point.value / point.others_median:.2f}x" if point.others_median else "-"
+                mark = "  EXCURSION" if point.excursion else ""
+                print(f"  {point.created_at:%Y-%m-%d %H:%M:%S}  {point.run_id:<36}{point.status.value:<11}"
+                      f"{point.value:<14.6g}{ratio:>8}{mark}")
+        if result.without_metric:
+            print(f"\nwithout {result.metric}: {', '.join(result.without_metric)}")
+    print(f"{len(flagged)} excursion(s)" + (f": {', '.join(p.run_id for p in flagged)}" if flagged else ""),
+          file=sys.stderr if args.format == "json" else sys.stdout)
+    return 1 if flagged and args.fail_on_excursion else 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    """What differs between two runs, section by section (code, environment, configuration, identity
+    hashes, inputs, outputs, metrics); exit 0 whether or not they differ."""
+    store = LocalRunStore()
+    result = history.compare(history.read_provenance(store, args.run_a), history.read_provenance(store, args.run_b))
+    if args.format == "json":
+        print(result.model_dump_json(indent=2))
+        return 0
+    print(f"A {result.run_a}\nB {result.run_b}")
+    for section, differences in result.sections.items():
+        print(f"\n{section}: " + (f"{len(differences)} difference(s)" if differences else "same"))
+        for d in differences:
+            print(f"  {d.field}: {_cell(d.a)} -> {_cell(d.b)}")
+    return 0
+
+
 COMMANDS = {
     "run": command_run, "resume": command_resume, "reproduce": command_reproduce, "status": command_status, "verify": command_verify, "promote": command_promote,
     "rollback": command_rollback, "versions": command_versions, "clean": command_clean,
+    "runs": command_runs, "timeline": command_timeline, "compare": command_compare,
 }
 
 

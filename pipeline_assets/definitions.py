@@ -10,6 +10,7 @@ from pipeline_assets.jobs import promote_job, release_job
 from resources.dagster_resources import (
     CodeResource,
     ComputeResource,
+    LineageResource,
     ReleaseBackendsResource,
     RunStoreResource,
     RuntimeResource,
@@ -29,6 +30,7 @@ defs = Definitions(
         ),
         "runtime": RuntimeResource(),
         "code": CodeResource(),
+        "lineage": LineageResource(),
         "release_backends": ReleaseBackendsResource(
             gcs_bucket=os.environ.get("PIPELINE_GCS_BUCKET"),
             gcs_project=os.environ.get("PIPELINE_GCS_PROJECT"),

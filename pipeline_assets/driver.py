@@ -14,9 +14,11 @@ from pipeline_assets.identity import ensure_no_skew, make_run_id, package_versio
 from pipeline_assets.steps.config import RunConfig
 from resources.compute import LocalPool
 from pipeline_assets.identity_contract import config_hash, env_id
-from pipeline_assets.reuse import StepRecord
-from pipeline_assets.tro import signer_from_environment, write_tro
+from pipeline_assets.reuse import StepRecord, read_record
+from pipeline_assets.tro import TRO_PREFIX, signer_from_environment, tro_revisions, write_tro
 from resources.git import CodeState
+from resources.ledger import GitLedger, configured_ledger
+from resources.lineage import Lineage, RunState, StepRun
 from resources.runtime import capture
 from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
 
@@ -41,11 +43,32 @@ def start_run(
     return store.create_run(meta)
 
 
-def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], tuple[object, StepRecord]], running_sha: str):
-    """Run one step under the skew guard, recording its timing, identity and reuse, or its error."""
+def step_inputs(store: LocalRunStore, run_id: str, step: str) -> dict[str, str]:
+    """The files a step reads (its upstream steps' outputs): absolute path -> sha256."""
+    files = {}
+    for upstream in stages.STEP_INPUTS[step]:
+        record = read_record(store, run_id, upstream)
+        for rel, digest in (record.outputs if record else {}).items():
+            files[str(store.path(store.run_key(run_id, rel)))] = digest
+    return files
+
+
+def run_step(
+    store: LocalRunStore,
+    run_id: str,
+    step: str,
+    work: Callable[[], tuple[object, StepRecord]],
+    running_sha: str,
+    lineage: Lineage | None = None,
+):
+    """Run one step under the skew guard, recording its timing, identity and reuse, or its error, and
+    reporting it to OpenLineage (START, then COMPLETE or FAIL; `lineage` defaults to the configured one)."""
     meta = store.read_meta(run_id)
     ensure_no_skew(run_id, meta.sha, step, running_sha)
-    store.update_meta(run_id, lambda m: m.step_started(step))
+    started = store.update_meta(run_id, lambda m: m.step_started(step)).step_timings[step].started_at
+    lineage = lineage or Lineage.configured(store.root)
+    attempt = StepRun(run_id, meta.created_at, step, started, step_inputs(store, run_id, step))
+    lineage.emit(attempt, RunState.START, capture().model_dump())
     try:
         result, record = work()
     except Exception as exc:
@@ -58,10 +81,57 @@ def run_step(store: LocalRunStore, run_id: str, step: str, work: Callable[[], tu
                 m.transition(RunStatus.failed)
 
         store.update_meta(run_id, fail)
+        lineage.emit(attempt, RunState.FAIL, capture().model_dump(), error=message)
         raise
     facts = {"env_id": record.env_id, "reuse": record.reuse, "reused_from": record.reused_from}
     store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded", **facts))
+    outputs = {str(store.path(store.run_key(run_id, rel))): digest for rel, digest in record.outputs.items()}
+    lineage.emit(attempt, RunState.COMPLETE, record.environment, record.env_id, outputs)
     return result, record
+
+
+def run_record_files(store: LocalRunStore, run_id: str) -> dict[str, bytes]:
+    """What the ledger keeps of a run (store key -> bytes): meta.json, and its TROs and signatures."""
+    run_dir = store.path(store.run_key(run_id))
+    keys = [store.meta_key(run_id)] + [store.run_key(run_id, p.name) for p in sorted(run_dir.glob(f"{TRO_PREFIX}*"))]
+    return {key: store.read_bytes(key) for key in keys}
+
+
+def settle_run(
+    store: LocalRunStore,
+    run_id: str,
+    success: bool,
+    failed_checks: list[str],
+    error: RunError | None = None,
+    ledger: GitLedger | None = None,
+) -> RunMeta:
+    """completed when every step and check passed; otherwise failed, naming what failed (`error`, else
+    the failed checks). Then the run's record goes to the ledger (`ledger`, else the configured one).
+
+    A completed run gets its TRO here (once). A failed run gets none: it may be resumed, which can
+    rewrite its files, and a TRO is a claim about a finished run. A run already settled is left as it
+    is, so settling it again commits nothing new.
+    """
+
+    def settle(meta: RunMeta) -> None:
+        if meta.status is not RunStatus.running:
+            return
+        if success and not failed_checks:
+            meta.transition(RunStatus.completed)
+            return
+        if meta.error is None:
+            meta.error = error or RunError(step="checks", message=f"failed checks: {', '.join(failed_checks) or 'see the Dagster run'}")
+        meta.transition(RunStatus.failed)
+
+    meta = store.read_meta(run_id)
+    if meta.status is RunStatus.running:
+        meta = store.update_meta(run_id, settle)
+    if meta.status is RunStatus.completed and not tro_revisions(store, run_id):
+        write_tro(store, run_id, signer_from_environment())
+    ledger = ledger or configured_ledger(store.root)
+    if ledger is not None:
+        ledger.record(run_record_files(store, run_id), f"run {run_id} {meta.status.value}")
+    return meta
 
 
 def run_release(
@@ -70,10 +140,18 @@ def run_release(
     code: CodeState,
     pool: LocalPool | None = None,
     running_sha: str | None = None,
+    ledger: GitLedger | None = None,
+    lineage: Lineage | None = None,
 ) -> tuple[RunMeta, dict[str, object]]:
-    """Run a whole release; return the completed run record and each step's result."""
+    """Run a whole release; return the completed run record and each step's result.
+
+    The ledger and the lineage transport default to the configured ones, resolved before the run
+    starts so that a bad configuration refuses the run instead of surfacing at its end.
+    """
     running_sha = running_sha or running_code_sha()
     pool = pool or LocalPool(config.areas.workers)
+    ledger = ledger or configured_ledger(store.root)
+    lineage = lineage or Lineage.configured(store.root)
     meta = start_run(store, config, code)
     run_id = meta.run_id
 
@@ -83,8 +161,11 @@ def run_release(
         return lambda: stages.execute_step(store, run_id, step, config, capture())
 
     results: dict[str, object] = {}
-    for step in stages.STEP_ORDER:
-        results[step], _record = run_step(store, run_id, step, work(step), running_sha)
-    meta = store.update_meta(run_id, lambda m: m.transition(RunStatus.completed))
-    write_tro(store, run_id, signer_from_environment())
-    return meta, results
+    try:
+        for step in stages.STEP_ORDER:
+            results[step], _record = run_step(store, run_id, step, work(step), running_sha, lineage)
+    except Exception:
+        if store.read_meta(run_id).status is RunStatus.failed:  # a step failed (a refused step leaves it running)
+            settle_run(store, run_id, False, [], ledger=ledger)
+        raise
+    return settle_run(store, run_id, True, [], ledger=ledger), results

@@ -10,13 +10,15 @@ from typing import Callable
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, ReexecutionOptions, RunsFilter, execute_job, reconstructable
 
-from pipeline_assets.driver import start_run
+from pipeline_assets.checks import failing_checks
+from pipeline_assets.driver import settle_run, start_run
 from pipeline_assets.identity import ensure_no_skew, running_code_sha
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import RunConfig
-from pipeline_assets.tro import signer_from_environment, tro_revisions, write_tro
 from resources.git import CodeState
-from resources.run_store import LocalRunStore, RunStoreError, RunError, RunMeta, RunStatus
+from resources.ledger import GitLedger, configured_ledger
+from resources.lineage import LineageSettings
+from resources.run_store import LocalRunStore, RunStoreError, RunMeta, RunStatus
 
 DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = ".dagster"
@@ -60,13 +62,18 @@ def _watch_steps(store: LocalRunStore, run_id: str, report: Callable[[str, str, 
             return
 
 
-def job_run_config(store: LocalRunStore, running_sha: str | None, compute: dict | None = None) -> dict:
+def job_run_config(store: LocalRunStore, running_sha: str | None, compute: dict | None = None, lineage: dict | None = None) -> dict:
     """Resources configured explicitly, not through the environment: the executor's forkserver keeps
-    the environment it started with. Dagster's console log stays at warnings (the UI has it all)."""
+    the environment it started with. Dagster's console log stays at warnings (the UI has it all).
+    `lineage` is the lineage resource's config (transport, url, directory), checked here so a bad one
+    refuses the run before it starts."""
     code = {"sha": running_sha} if running_sha else {}
     resources = {"run_store": {"config": {"root": str(store.root)}}, "code": {"config": code}}
     if compute:
         resources["compute"] = {"config": compute}
+    if lineage:
+        LineageSettings.resolve(**lineage)
+        resources["lineage"] = {"config": lineage}
     return {"resources": resources, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -78,12 +85,17 @@ def launch_release(
     report: Callable[[str, str, float | None], None] = lambda *_: None,
     running_sha: str | None = None,
     compute: dict | None = None,
+    lineage: dict | None = None,
+    ledger: GitLedger | None = None,
 ) -> LaunchOutcome:
-    """Create the run, execute the release job for its partition, and leave meta.json settled."""
+    """Create the run, execute the release job for its partition, and leave meta.json settled (and
+    recorded in the ledger: `ledger`, else the configured one, opened before the run starts)."""
+    run_config = job_run_config(store, running_sha, compute, lineage)
+    ledger = ledger or configured_ledger(store.root)
     meta = start_run(store, config, code)
     instance.add_dynamic_partitions(RUN_IDS, [meta.run_id])
     tags = {"dagster/partition": meta.run_id, "git_sha": code.sha, "branch": code.branch or ""}
-    return _execute(store, instance, meta.run_id, job_run_config(store, running_sha, compute), tags, report)
+    return _execute(store, instance, meta.run_id, run_config, tags, report, ledger)
 
 
 def resume_release(
@@ -93,6 +105,8 @@ def resume_release(
     report: Callable[[str, str, float | None], None] = lambda *_: None,
     running_sha: str | None = None,
     compute: dict | None = None,
+    lineage: dict | None = None,
+    ledger: GitLedger | None = None,
 ) -> LaunchOutcome:
     """Re-execute only the failed and never-run steps of a failed run, at its pinned SHA.
 
@@ -103,6 +117,8 @@ def resume_release(
     if meta.status is not RunStatus.failed:
         raise RunStoreError(f"run {run_id} is {meta.status.value}: only a failed run can be resumed")
     ensure_no_skew(run_id, meta.sha, "resume", running_sha or running_code_sha())
+    run_config = job_run_config(store, running_sha, compute, lineage)
+    ledger = ledger or configured_ledger(store.root)
     parent = instance.get_runs(RunsFilter(tags={"dagster/partition": run_id}, statuses=[DagsterRunStatus.FAILURE]), limit=1)
 
     def reopen(m: RunMeta) -> None:
@@ -112,10 +128,10 @@ def resume_release(
     store.update_meta(run_id, reopen)
     options = ReexecutionOptions.from_failure(parent[0].run_id, instance) if parent else None
     tags = {"dagster/partition": run_id, "git_sha": meta.sha, "branch": meta.branch or "", "resumed": "true"}
-    return _execute(store, instance, run_id, job_run_config(store, running_sha, compute), tags, report, options)
+    return _execute(store, instance, run_id, run_config, tags, report, ledger, options)
 
 
-def _execute(store, instance, run_id, run_config, tags, report, reexecution: ReexecutionOptions | None = None) -> LaunchOutcome:
+def _execute(store, instance, run_id, run_config, tags, report, ledger, reexecution: ReexecutionOptions | None = None) -> LaunchOutcome:
     done = threading.Event()
     watcher = threading.Thread(target=_watch_steps, args=(store, run_id, report, done), daemon=True)
     watcher.start()
@@ -129,35 +145,11 @@ def _execute(store, instance, run_id, run_config, tags, report, reexecution: Ree
         ) as result:
             success = result.success
             dagster_run_id = result.run_id
-            failed_checks = [
-                f"{e.asset_check_evaluation_data.asset_key.to_user_string()}:{e.asset_check_evaluation_data.check_name}"
-                for e in result.all_events
-                if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION and not e.asset_check_evaluation_data.passed
-            ]
+            failed_checks = failing_checks(
+                e.asset_check_evaluation_data for e in result.all_events
+                if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION
+            )
     finally:
         done.set()
         watcher.join()
-    return LaunchOutcome(settle_run(store, run_id, success, failed_checks), success, dagster_run_id, failed_checks)
-
-
-def settle_run(store: LocalRunStore, run_id: str, success: bool, failed_checks: list[str]) -> RunMeta:
-    """completed when every step and check passed; otherwise failed, naming what failed.
-
-    A completed run gets its TRO here (once). A failed run gets none: it may be resumed, which can
-    rewrite its files, and a TRO is a claim about a finished run.
-    """
-
-    def settle(meta: RunMeta) -> None:
-        if meta.status is not RunStatus.running:
-            return
-        if success and not failed_checks:
-            meta.transition(RunStatus.completed)
-            return
-        if meta.error is None:
-            meta.error = RunError(step="checks", message=f"failed checks: {', '.join(failed_checks) or 'see the Dagster run'}")
-        meta.transition(RunStatus.failed)
-
-    meta = store.update_meta(run_id, settle)
-    if meta.status is RunStatus.completed and not tro_revisions(store, run_id):
-        write_tro(store, run_id, signer_from_environment())
-    return meta
+    return LaunchOutcome(settle_run(store, run_id, success, failed_checks, ledger=ledger), success, dagster_run_id, failed_checks)

@@ -15,7 +15,7 @@ from pipeline_assets.materialize import file_metadata, identity_metadata, worker
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.tro import signer_from_environment, write_tro
 from pipeline_assets.steps import geography
-from resources.dagster_resources import CodeResource, ComputeResource, RunStoreResource, RuntimeResource
+from resources.dagster_resources import CodeResource, ComputeResource, LineageResource, RunStoreResource, RuntimeResource
 
 AREA_GROUPS = {"state": "states", "district": "districts", "city": "cities"}
 NATIONAL_KEY = AssetKey("national_h5")
@@ -58,6 +58,7 @@ def local_areas(
     compute: ComputeResource,
     runtime: RuntimeResource,
     code: CodeResource,
+    lineage: LineageResource,
 ) -> Iterator[MaterializeResult]:
     """Build the selected area files (all 489 by default) on the compute pool."""
     store = run_store.store()
@@ -67,7 +68,8 @@ def local_areas(
     env = runtime.capture()
     pool = compute.pool(meta.sha)
     results, record = run_step(
-        store, run_id, "local_areas", lambda: stages.execute_areas(store, run_id, pool, env, codes), code.running_sha()
+        store, run_id, "local_areas", lambda: stages.execute_areas(store, run_id, pool, env, codes), code.running_sha(),
+        lineage.lineage(store),
     )
     shared = {**identity_metadata(meta, record), **worker_environment_metadata(pool, env)}
     if record.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it

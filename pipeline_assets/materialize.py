@@ -11,7 +11,7 @@ from pipeline_assets.driver import run_step
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.reuse import StepRecord
 from pipeline_assets.steps.config import RunConfig
-from resources.dagster_resources import CodeResource, ComputeResource, RunStoreResource, RuntimeResource
+from resources.dagster_resources import CodeResource, ComputeResource, LineageResource, RunStoreResource, RuntimeResource
 from resources.run_store import RunMeta
 from resources.runtime import RuntimeEnvironment
 
@@ -85,6 +85,7 @@ def execute_stage(
     runtime: RuntimeResource,
     code: CodeResource,
     compute: ComputeResource,
+    lineage: LineageResource,
     step: str,
     primary: str,
 ) -> MaterializeResult:
@@ -96,7 +97,8 @@ def execute_stage(
     env = runtime.capture()
     pool = compute.pool(meta.sha)
     _result, record = run_step(
-        store, run_id, step, lambda: stages.execute_step(store, run_id, step, config, env, pool), code.running_sha()
+        store, run_id, step, lambda: stages.execute_step(store, run_id, step, config, env, pool), code.running_sha(),
+        lineage.lineage(store),
     )
     if record.reused_from:
         context.log.info(f"{step}: reused the output of run {record.reused_from}")
@@ -123,7 +125,8 @@ def stage_asset(step: str, description: str, kinds: set[str]):
         runtime: RuntimeResource,
         code: CodeResource,
         compute: ComputeResource,
+        lineage: LineageResource,
     ) -> MaterializeResult:
-        return execute_stage(context, run_store, runtime, code, compute, step, stages.PRIMARY_OUTPUTS[step])
+        return execute_stage(context, run_store, runtime, code, compute, lineage, step, stages.PRIMARY_OUTPUTS[step])
 
     return stage

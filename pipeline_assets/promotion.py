@@ -5,6 +5,8 @@ and sha256s. `promote` refuses (one line, nothing written) unless the run comple
 verify against its TRO, its tree was clean (or dirt is allowed) and the version is new valid semver;
 then it publishes to every backend and, only when all succeeded, writes the registry and marks the
 run promoted. A backend failure leaves the registry as it was and meta.json saying what is where.
+Each registered version (a promotion or a rollback) is then committed to the git ledger when one is
+configured: its registry entry, its release TRO and the run's meta.json, in one commit.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pipeline_assets.tro import (
     write_tro,
 )
 from resources.files import link_or_copy, sha256_file, write_bytes_atomic
+from resources.ledger import GitLedger, configured_ledger
+from resources.lineage import LINEAGE_DIR
 from resources.publishers import Publisher
 from resources.registry import DuplicateVersion, RegistryBackend, VersionManifest, validate_version
 from resources.run_store import LocalRunStore, PromotionState, RunStatus, RunStoreError, utcnow
@@ -130,9 +134,12 @@ def promote(
     publishers: dict[str, Publisher],
     registry: RegistryBackend,
     allow_dirty: bool = False,
+    ledger: GitLedger | None = None,
 ) -> VersionManifest:
-    """Publish a staged, verified run as `version` on every backend, then register it."""
+    """Publish a staged, verified run as `version` on every backend, then register it (and record it
+    in `ledger`, else the configured one)."""
     staged = check_promotable(store, run_id, version, registry, allow_dirty)
+    ledger = ledger or configured_ledger(store.root)
     files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
     release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
     if not release_tro.exists():
@@ -140,7 +147,7 @@ def promote(
         write_bytes_atomic(release_tro, canonical_bytes(doc))
     files[RELEASE_TRO] = release_tro
     return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
-                                tro_sha256=staged.files[TRO_NAME])
+                                tro_sha256=staged.files[TRO_NAME], ledger=ledger)
 
 
 def publish_and_register(
@@ -153,8 +160,10 @@ def publish_and_register(
     tro_path: str,
     tro_sha256: str,
     roll_back_version: str | None = None,
+    ledger: GitLedger | None = None,
 ) -> VersionManifest:
-    """All-or-nothing: the registry entry is added only after every backend published."""
+    """All-or-nothing: the registry entry is added only after every backend published; the ledger
+    records the version once it is registered."""
     meta = store.read_meta(run_id)
     state = PromotionState(version=version)
     results = {}
@@ -194,7 +203,20 @@ def publish_and_register(
         raise PromotionRefused(str(exc)) from None
     if roll_back_version is None:
         store.update_meta(run_id, lambda m: m.transition(RunStatus.promoted))
+    if ledger is not None:
+        event = f"rollback {version} to the files of {roll_back_version}" if roll_back_version else f"promote {version}"
+        ledger.record(release_record_files(store, entry, files.get(RELEASE_TRO)), f"{event} (run {run_id})")
     return entry
+
+
+def release_record_files(store: LocalRunStore, entry: VersionManifest, release_tro: Path | None) -> dict[str, bytes]:
+    """What the ledger keeps of a release (ledger path -> bytes): its registry entry, its release TRO
+    and the meta.json of its run."""
+    files = {f"releases/{entry.version}/registry_entry.json": entry.model_dump_json(indent=2).encode(),
+             store.meta_key(entry.run_id): store.read_bytes(store.meta_key(entry.run_id))}
+    if release_tro is not None:
+        files[f"releases/{entry.version}/{RELEASE_TRO}"] = release_tro.read_bytes()
+    return files
 
 
 def rollback(
@@ -204,8 +226,10 @@ def rollback(
     publishers: dict[str, Publisher],
     registry: RegistryBackend,
     production_root: Path,
+    ledger: GitLedger | None = None,
 ) -> VersionManifest:
-    """A rollback is a release: `as_version` publishes exactly the files of `to_version`."""
+    """A rollback is a release: `as_version` publishes exactly the files of `to_version` (and is
+    recorded in `ledger`, else the configured one)."""
     validate_version(as_version)
     versions = {entry.version: entry for entry in registry.read().versions}
     if to_version not in versions:
@@ -215,10 +239,11 @@ def rollback(
     source = production_root / to_version
     if not source.is_dir():
         raise PromotionRefused(f"cannot roll back to {to_version}: its files are not at {source}")
+    ledger = ledger or configured_ledger(store.root)
     files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*")) if p.is_file()}
     old = versions[to_version]
     return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
-                                tro_sha256=old.tro_sha256, roll_back_version=to_version)
+                                tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger)
 
 
 def referenced_runs(registry: RegistryBackend) -> set[str]:
@@ -235,5 +260,6 @@ def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[st
     for run_id in removable:
         shutil.rmtree(store.path(store.run_key(run_id)))
         shutil.rmtree(store.path(staging_key(run_id)), ignore_errors=True)
+        shutil.rmtree(store.path(f"{LINEAGE_DIR}/{run_id}"), ignore_errors=True)
     return removable
 

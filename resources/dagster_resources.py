@@ -6,6 +6,7 @@ from dagster import ConfigurableResource
 
 from pipeline_assets.identity import running_code_sha
 from resources.compute import LocalPool
+from resources.lineage import Lineage, LineageSettings
 from resources.run_store import LocalRunStore
 from resources.runtime import RuntimeEnvironment, capture
 
@@ -55,6 +56,19 @@ class RuntimeResource(ConfigurableResource):
 
     def capture(self) -> RuntimeEnvironment:
         return capture(compute_pool=self.compute_pool, cloud_region=self.cloud_region)
+
+
+class LineageResource(ConfigurableResource):
+    """Where the steps' OpenLineage events go: `transport` file (default: {store}/lineage, or
+    `directory`), http (to `url`) or off; unset fields from PIPELINE_LINEAGE / OPENLINEAGE_URL. The
+    API key is never configuration: it is read from OPENLINEAGE_API_KEY."""
+
+    transport: str | None = None
+    url: str | None = None
+    directory: str | None = None
+
+    def lineage(self, store: LocalRunStore) -> Lineage:
+        return Lineage(LineageSettings.resolve(self.transport, self.url, self.directory), store.root)
 
 
 class ReleaseBackendsResource(ConfigurableResource):

@@ -1,8 +1,9 @@
 """Run-status sensors: keep meta.json true to how the Dagster run of a release ended.
 
 A run launched from the UI or by the git sensor has no caller waiting to settle its record, so these
-do it. Both are idempotent with `launch_release` and with the steps' own error records: they change
-nothing unless meta.json still says `running`. They return None, so one tick handles every run that
+do it, through the same `settle_run` as `launch_release` (which also records the run in the ledger).
+Both are idempotent with `launch_release` and with the steps' own error records: they change nothing
+unless meta.json still says `running`. They return None, so one tick handles every run that
 ended since the last (a returned value would end the tick's batch).
 """
 
@@ -18,10 +19,11 @@ from dagster import (
     run_status_sensor,
 )
 
+from pipeline_assets.checks import failing_checks
+from pipeline_assets.driver import settle_run
 from pipeline_assets.jobs import release_job
-from pipeline_assets.launch import settle_run
 from resources.dagster_resources import RunStoreResource
-from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
+from resources.run_store import LocalRunStore, RunError
 
 PARTITION_TAG = "dagster/partition"
 
@@ -43,8 +45,7 @@ def _run_record(context: RunStatusSensorContext, run_store: RunStoreResource) ->
 
 def _failed_checks(context: RunStatusSensorContext) -> list[str]:
     entries = context.instance.all_logs(context.dagster_run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
-    evaluations = [entry.dagster_event.asset_check_evaluation_data for entry in entries]
-    return [f"{e.asset_key.to_user_string()}:{e.check_name}" for e in evaluations if not e.passed]
+    return failing_checks(entry.dagster_event.asset_check_evaluation_data for entry in entries)
 
 
 @run_status_sensor(
@@ -80,12 +81,5 @@ def release_failure_sensor(context: RunFailureSensorContext, run_store: RunStore
             error = error.cause
         message = error.message if error else f"step {step} failed"
     line = next(iter((message or "").strip().splitlines()), "the Dagster run failed")
-
-    def fail(meta: RunMeta) -> None:
-        if meta.status is not RunStatus.running:
-            return
-        meta.error = meta.error or RunError(step=step, message=line)
-        meta.transition(RunStatus.failed)
-
-    meta = store.update_meta(run_id, fail)
+    meta = settle_run(store, run_id, success=False, failed_checks=[], error=RunError(step=step, message=line))
     context.log.info(f"run {run_id}: {meta.status.value}")

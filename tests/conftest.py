@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from pipeline_assets.driver import run_release
+from pipeline_assets.promotion import stage_release
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
@@ -20,3 +23,13 @@ def tiny_release(tmp_path_factory):
     code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
     meta, results = run_release(store, config_for_scale("tiny"), code, running_sha=PINNED_SHA)
     return store, meta, results
+
+
+@pytest.fixture
+def store(tiny_release, tmp_path):
+    """(store, run_id): a staged copy of the session's completed tiny run, so promotion can change it."""
+    source, meta, _ = tiny_release
+    copy = LocalRunStore(tmp_path / "store")
+    shutil.copytree(source.root, copy.root)
+    stage_release(copy, meta.run_id)
+    return copy, meta.run_id

@@ -31,6 +31,7 @@ def with_library(env, name, version):
         {"calibration": {"target_variables": ("person_count",)}},
         {"build_database": False},
         {"quality": {"max_mean_rel_abs_error": 0.1}},
+        {"quality": {"history_factor": 2.0}},  # hashed like the other quality thresholds
     ],
 )
 def test_config_fields_move_config_hash_only(env, overrides):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -16,7 +15,6 @@ from pipeline_assets.promotion import (
     clean,
     promote,
     rollback,
-    stage_release,
 )
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.tro import TRO_NAME
@@ -24,18 +22,8 @@ from resources.files import sha256_file
 from resources.git import CodeState
 from resources.publishers import GcsPublisher, LocalPublisher
 from resources.registry import GcsRegistry, InvalidVersion, LocalRegistry, VersionManifest
-from resources.run_store import LocalRunStore, RunStatus
+from resources.run_store import RunStatus
 from tests.conftest import PINNED_SHA
-
-
-@pytest.fixture
-def store(tiny_release, tmp_path):
-    """A copy of the session's completed tiny run, so promotion can change it."""
-    source, meta, _ = tiny_release
-    copy = LocalRunStore(tmp_path / "store")
-    shutil.copytree(source.root, copy.root)
-    stage_release(copy, meta.run_id)
-    return copy, meta.run_id
 
 
 def local_backends(store):

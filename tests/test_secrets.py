@@ -15,6 +15,7 @@ SECRETS = {
     "MODAL_TOKEN_ID": "ak-SecretModalTokenId42",
     "MODAL_TOKEN_SECRET": "as-SecretModalTokenSecret42",
     "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY42",
+    "OPENLINEAGE_API_KEY": "ol-SecretLineageApiKey42",
 }
 FAKE_PRIVATE_KEY = "-----BEGIN PRIVATE KEY-----\\nMIIEvFakeKeyMaterialSecret42\\n-----END PRIVATE KEY-----\\n"
 

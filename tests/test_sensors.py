@@ -19,7 +19,7 @@ from dagster import (
     validate_run_config,
 )
 
-from pipeline_assets import defs, launch
+from pipeline_assets import defs, driver
 from pipeline_assets.driver import start_run
 from pipeline_assets.jobs import RELEASE_JOB
 from pipeline_assets.partitions import RUN_IDS
@@ -151,7 +151,7 @@ def test_success_sensor_settles_the_run(tmp_path, monkeypatch, check_passes):
         written.append(run_id)
         return store.write_run_file(run_id, TRO_NAME, b"{}")
 
-    monkeypatch.setattr(launch, "write_tro", write_tro)
+    monkeypatch.setattr(driver, "write_tro", write_tro)
 
     @asset
     def fine(run_store: RunStoreResource):

@@ -58,10 +58,14 @@ class AreaConfig(StepConfig):
 
 
 class QualityConfig(StepConfig):
-    """Thresholds of the blocking calibration-quality checks on both fits."""
+    """Thresholds of the calibration-quality checks on both fits: absolute limits (blocking), and how
+    far a fit may fall behind its provenance class's history before a warning (non-blocking)."""
 
     max_mean_rel_abs_error: float = Field(0.5, gt=0)
     max_max_rel_abs_error: float = Field(10.0, gt=0)
+    # Warn when the final mean rel_abs_error exceeds this times the median of the completed runs
+    # with the same config_hash and dataset (the class's history).
+    history_factor: float = Field(1.5, gt=1)
 
 
 class RunConfig(StepConfig):
