@@ -90,13 +90,13 @@ def verify_hashes(context: AssetCheckExecutionContext, key: AssetKey) -> AssetCh
     )
 
 
-def failing_checks(evaluations: Iterable[AssetCheckEvaluation]) -> list[str]:
-    """'asset:check' of every evaluation that fails a run: not passed, at ERROR severity. A WARN
-    check that did not pass (a fit worse than its class's history) warns; the run still completes."""
+def failing_checks(evaluations: Iterable[AssetCheckEvaluation], severity=AssetCheckSeverity.ERROR) -> list[str]:
+    """'asset:check' of every evaluation that did not pass at `severity`. At ERROR they fail the run;
+    at WARN (a fit worse than its class's history) they are reported and the run still completes."""
     return [
         f"{e.asset_key.to_user_string()}:{e.check_name}"
         for e in evaluations
-        if not e.passed and e.severity == AssetCheckSeverity.ERROR
+        if not e.passed and e.severity == severity
     ]
 
 

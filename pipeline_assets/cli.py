@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline_assets import history
 from pipeline_assets.identity import InvalidRunId, SOURCE_ROOT, VersionSkewError, parse_run_id, running_code_sha
@@ -16,6 +17,9 @@ from resources.git import GitError, code_state
 from resources.publishers import PublishError
 from resources.registry import RegistryError
 from resources.run_store import LocalRunStore, RunMeta, RunStoreError
+
+if TYPE_CHECKING:  # the launcher imports Dagster; commands that need it import it themselves
+    from pipeline_assets.launch import LaunchOutcome
 
 USER_ERRORS = (InvalidRunId, VersionSkewError, GitError, RunStoreError, ValueError)  # includes refusals
 BACKEND_ERRORS = (PromotionFailed, RegistryError, PublishError)
@@ -158,7 +162,7 @@ def command_run(args: argparse.Namespace) -> int:
             store, instance, config, code, report=_report, running_sha=running, compute={"workers": config.areas.workers}
         )
         fits = fit_summary(instance, outcome.meta.run_id)
-    print_summary(store, outcome.meta, home, fits, outcome.failed_checks)
+    print_summary(store, outcome.meta, home, fits, outcome)
     return 0 if outcome.meta.status.value == "completed" else 1
 
 
@@ -176,7 +180,7 @@ def fit_summary(instance, run_id: str) -> dict[str, tuple[float, float]]:
     return out
 
 
-def print_summary(store: LocalRunStore, meta: RunMeta, home: Path, fits: dict, failed_checks: list[str]) -> None:
+def print_summary(store: LocalRunStore, meta: RunMeta, home: Path, fits: dict, outcome: LaunchOutcome) -> None:
     run_dir = store.path(store.run_key(meta.run_id))
     print(f"\nrun_id      {meta.run_id}")
     print(f"status      {meta.status.value}" + (f" ({meta.error.step}: {meta.error.message})" if meta.error else ""))
@@ -185,8 +189,10 @@ def print_summary(store: LocalRunStore, meta: RunMeta, home: Path, fits: dict, f
     print(f"diagnostics {run_dir / 'diagnostics'}")
     for name, (before, after) in fits.items():
         print(f"{name:<15} mean rel_abs_error {before:.4f} -> {after:.4f}")
-    if failed_checks:
-        print(f"failed checks: {', '.join(failed_checks)}")
+    if outcome.failed_checks:
+        print(f"failed checks: {', '.join(outcome.failed_checks)}")
+    if outcome.warned_checks:
+        print(f"warnings    {', '.join(outcome.warned_checks)}")
     print(f"Dagster UI  make ui  (DAGSTER_HOME={home}), then open http://127.0.0.1:3000")
 
 
@@ -273,7 +279,7 @@ def command_resume(args: argparse.Namespace) -> int:
         outcome = resume_release(store, instance, args.run_id, report=_report, running_sha=running_code_sha(),
                                  compute={"workers": workers})
         fits = fit_summary(instance, args.run_id)
-    print_summary(store, outcome.meta, home, fits, outcome.failed_checks)
+    print_summary(store, outcome.meta, home, fits, outcome)
     return 0 if outcome.meta.status.value == "completed" else 1
 
 

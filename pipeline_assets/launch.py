@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, ReexecutionOptions, RunsFilter, execute_job, reconstructable
+from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance, DagsterRunStatus, ReexecutionOptions, RunsFilter, execute_job, reconstructable
 
 from pipeline_assets.checks import failing_checks
 from pipeline_assets.driver import settle_run, start_run
@@ -44,6 +44,7 @@ class LaunchOutcome:
     success: bool
     dagster_run_id: str
     failed_checks: list[str]
+    warned_checks: list[str]
 
 
 def _watch_steps(store: LocalRunStore, run_id: str, report: Callable[[str, str, float | None], None], done: threading.Event):
@@ -145,11 +146,12 @@ def _execute(store, instance, run_id, run_config, tags, report, ledger, reexecut
         ) as result:
             success = result.success
             dagster_run_id = result.run_id
-            failed_checks = failing_checks(
-                e.asset_check_evaluation_data for e in result.all_events
-                if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION
-            )
+            evaluations = [e.asset_check_evaluation_data for e in result.all_events
+                           if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
+            failed_checks = failing_checks(evaluations)
+            warned_checks = failing_checks(evaluations, AssetCheckSeverity.WARN)
     finally:
         done.set()
         watcher.join()
-    return LaunchOutcome(settle_run(store, run_id, success, failed_checks, ledger=ledger), success, dagster_run_id, failed_checks)
+    meta = settle_run(store, run_id, success, failed_checks, ledger=ledger)
+    return LaunchOutcome(meta, success, dagster_run_id, failed_checks, warned_checks)

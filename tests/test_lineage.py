@@ -110,7 +110,7 @@ def test_a_driver_run_reports_every_step(tiny_release):
         versions(steps["source_datasets"]["COMPLETE"].outputs))  # the graph connects: inputs are named as outputs were
 
 
-def test_a_failing_step_reports_fail_with_its_error(store):  # noqa: F811
+def test_a_failing_step_reports_fail_with_its_error(store):
     store, _ = store
     broken = LocalPool(2, "no-such-start-method")  # the area step cannot start its workers
     with pytest.raises(ValueError):
@@ -123,7 +123,7 @@ def test_a_failing_step_reports_fail_with_its_error(store):  # noqa: F811
     assert "run_diagnostics" not in steps and all(set(steps[s]) == {"START", "COMPLETE"} for s in stages.STEP_ORDER[:5])
 
 
-def test_a_dagster_run_reports_every_step(store):  # noqa: F811
+def test_a_dagster_run_reports_every_step(store):
     store, _ = store
     with instance_for_test() as instance:
         outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA, lineage={"transport": "file"})
@@ -161,7 +161,7 @@ def collector():
         thread.join()
 
 
-def test_http_transport_sends_the_api_key_and_writes_it_nowhere(store, collector, monkeypatch, tmp_path):  # noqa: F811
+def test_http_transport_sends_the_api_key_and_writes_it_nowhere(store, collector, monkeypatch, tmp_path):
     store, _ = store
     url, received = collector
     secret = "ol-ApiKeySecretValue42"
