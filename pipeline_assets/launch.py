@@ -15,6 +15,7 @@ from pipeline_assets.driver import settle_run, start_run
 from pipeline_assets.identity import ensure_no_skew, running_code_sha
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import RunConfig
+from resources.files import write_bytes_atomic
 from resources.git import CodeState
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import LineageSettings
@@ -23,10 +24,23 @@ from resources.run_store import LocalRunStore, RunStoreError, RunMeta, RunStatus
 DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = ".dagster"
 
+# The instance settings a new $DAGSTER_HOME gets (an existing dagster.yaml is never touched).
+DEFAULT_INSTANCE_SETTINGS = b"""# Written by usdata-pipeline for a new instance; edit freely.
+python_logs:
+  python_log_level: WARNING  # step start-up lines stay in the UI's event log, off the console
+telemetry:
+  enabled: false  # no network at run time except to the services you configure
+"""
+
+
 def dagster_home() -> Path:
-    """$DAGSTER_HOME, defaulting to ./.dagster (created), exported so step processes agree."""
+    """$DAGSTER_HOME, defaulting to ./.dagster (created, with DEFAULT_INSTANCE_SETTINGS), exported
+    so step processes agree."""
     home = Path(os.environ.get(DAGSTER_HOME_VARIABLE) or DEFAULT_DAGSTER_HOME).resolve()
     home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists():
+        write_bytes_atomic(settings, DEFAULT_INSTANCE_SETTINGS)
     os.environ[DAGSTER_HOME_VARIABLE] = str(home)
     return home
 

@@ -77,3 +77,22 @@ def test_a_failing_step_exits_1_and_leaves_meta_failed(store, capsys, monkeypatc
     assert meta.status is RunStatus.failed
     assert meta.error.step == "policy_data_db" and "no completed run" in meta.error.message
     assert "failed" in out and meta.run_id in out
+
+
+def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_kept(tmp_path, monkeypatch):
+    from dagster import DagsterInstance
+
+    from pipeline_assets.launch import dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "new_home"))
+    home = dagster_home()
+    with DagsterInstance.get() as instance:
+        assert instance.python_log_level == "WARNING"  # step start-up lines off the console
+        assert instance.telemetry_enabled is False  # no network at run time
+    mine = tmp_path / "own_home"
+    mine.mkdir()
+    (mine / "dagster.yaml").write_text("telemetry:\n  enabled: true\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(mine))
+    dagster_home()
+    assert (mine / "dagster.yaml").read_text() == "telemetry:\n  enabled: true\n"
+    assert home == (tmp_path / "new_home").resolve()
