@@ -1,4 +1,4 @@
-"""usdata-pipeline: run a release through Dagster, and see where runs stand."""
+"""usdata-pipeline: run a release through Dagster, see where runs stand, and query, compare and reproduce them."""
 
 from __future__ import annotations
 
