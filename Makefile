@@ -36,9 +36,9 @@ BUILD_DB ?= true
 SCALE ?= small
 GPU ?=
 
-pipeline-auto: $(STAMP)  ## one whole run pinned to BRANCH's tip (GPU= names the Modal GPU type)
+pipeline-auto: $(STAMP)  ## one whole run pinned to BRANCH's tip (GPU= fits on that GPU type: Modal's, or a local one)
 	PIPELINE_MODAL_GPU=$(GPU) $(VENV)/bin/usdata-pipeline run --branch $(BRANCH) --scale $(SCALE) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(filter false no 0,$(BUILD_DB)),--reuse-database,--build-database)
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(GPU),--fit-device cuda) $(if $(filter false no 0,$(BUILD_DB)),--reuse-database,--build-database)
 
 pipeline-status: $(STAMP)
 	$(VENV)/bin/usdata-pipeline status $(RUN_ID)

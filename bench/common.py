@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline_assets.identity import running_code_sha
+from pipeline_assets.steps.config import RunConfig, config_for_scale
 from resources.git import CodeState
+from resources.runtime import gpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,7 +29,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu_model(), "python": platform.python_version(), "os": platform.platform(),
+    }
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -56,6 +60,28 @@ def bench_parser(doc: str | None, repeats: int) -> argparse.ArgumentParser:
     parser.add_argument("--scale", default="reference")
     parser.add_argument("--repeats", type=int, default=repeats)
     return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--fit-device and --workers, for the benches that make whole runs (a GPU machine uses both)."""
+    parser.add_argument("--fit-device", choices=["cpu", "cuda"], default="cpu", help="where the runs' fits run")
+    parser.add_argument("--workers", type=int, help="area workers (default: the scale's)")
+    return parser
+
+
+def run_config(args: argparse.Namespace, **overrides) -> RunConfig:
+    """The scale's RunConfig with the bench's fit device and area workers, then `overrides` (by section)."""
+    sections: dict = {fit: {"device": args.fit_device} for fit in ("local_fit", "national_fit")}
+    if args.workers:
+        sections["areas"] = {"workers": args.workers}
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return config_for_scale(args.scale, **sections)
+
+
+def result_name(bench: str, args: argparse.Namespace) -> str:
+    """bench_scale, with _cuda where the fits ran on a GPU (those results sit beside the CPU ones)."""
+    return f"{bench}_{args.scale}" + ("_cuda" if args.fit_device == "cuda" else "")
 
 
 def pinned_code() -> tuple[str, CodeState]:

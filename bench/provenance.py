@@ -10,9 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import bench_parser, median_seconds, pinned_code, timed, write_result
+from bench.common import add_run_options, bench_parser, median_seconds, pinned_code, result_name, run_config, timed, write_result
 from pipeline_assets.driver import run_release
-from pipeline_assets.steps.config import config_for_scale
 from resources.files import sha256_file
 from resources.run_store import LocalRunStore
 from resources.runtime import capture
@@ -52,36 +51,39 @@ def environment_capture(repeats: int) -> dict:
     return {"first_call_ms": first * 1e3, "median_ms": statistics.median(samples) * 1e3, "goal_ms": 50}
 
 
-def refit_rerun(scale: str) -> dict:
+def refit_rerun(args) -> dict:
     sha, code = pinned_code()
-    base = config_for_scale(scale)
-    changed = config_for_scale(scale, local_fit={"lambda_l0": base.local_fit.lambda_l0 * 2})
+    base = run_config(args)
+    changed = run_config(args, local_fit={"lambda_l0": base.local_fit.lambda_l0 * 2})
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalRunStore(tmp)
-        full, _ = timed(lambda: run_release(store, base, code, running_sha=sha))
+        full, (full_meta, _) = timed(lambda: run_release(store, base, code, running_sha=sha))
         rerun, (meta, _) = timed(lambda: run_release(store, changed, code, running_sha=sha))
     return {
+        "area_workers": base.areas.workers,
         "full_run_s": full,
         "fit_settings_rerun_s": rerun,
         "ratio": rerun / full,
         "goal_ratio": 0.35,
+        "full_run_steps_s": {step: t.duration_s for step, t in full_meta.step_timings.items()},
         "rerun_steps": {step: {"reuse": t.reuse, "seconds": t.duration_s} for step, t in meta.step_timings.items()},
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = bench_parser(__doc__, repeats=5)
+    parser = add_run_options(bench_parser(__doc__, repeats=5))
     parser.add_argument("--hash-mb", type=int, default=256, help="size of each of the three hashed files")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         hashed = hashing(Path(tmp), args.hash_mb, args.repeats)
     write_result(
-        f"provenance_{args.scale}",
+        result_name("provenance", args),
         {
             "hashing": hashed,
             "environment_capture": environment_capture(200),
-            "fit_settings_only_rerun": refit_rerun(args.scale),
+            "fit_settings_only_rerun": refit_rerun(args),
             "scale": args.scale,
+            "fit_device": args.fit_device,
         },
     )
 

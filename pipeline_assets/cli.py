@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -59,6 +60,8 @@ def build_parser() -> OneLineParser:
     run.add_argument("--scale", choices=list(SCALES), default="small")
     run.add_argument("--epochs", type=_int_at_least(1), help="epochs of both fits (default: the scale's)")
     run.add_argument("--workers", type=_int_at_least(1), help="local area workers (default 2)")
+    run.add_argument("--fit-device", choices=["cpu", "cuda"], default="cpu",
+                     help="where both fits run: cuda needs a GPU (local, or Modal's with PIPELINE_COMPUTE=modal)")
     database = run.add_mutually_exclusive_group()
     database.add_argument("--build-database", dest="build_database", action="store_true", default=True)
     database.add_argument("--reuse-database", dest="build_database", action="store_false",
@@ -153,7 +156,13 @@ def command_run(args: argparse.Namespace) -> int:
         overrides |= {"local_fit": {"epochs": args.epochs}, "national_fit": {"epochs": args.epochs}}
     if args.workers:
         overrides["areas"] = {"workers": args.workers}
+    for fit in ("local_fit", "national_fit"):
+        overrides.setdefault(fit, {})["device"] = args.fit_device
     config = config_for_scale(args.scale, **overrides)
+    if args.fit_device == "cuda" and os.environ.get("PIPELINE_COMPUTE", "local") == "local":
+        from pipeline_assets.steps.weights import fit_device
+
+        fit_device(config.local_fit)  # refuse here, before a run is made, where no GPU is
     store = LocalRunStore()
     home = dagster_home()
     print(f"pinned {code.sha} ({code.branch or 'detached'}{', dirty' if code.dirty else ''}); scale {args.scale}")

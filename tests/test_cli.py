@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline_assets.cli import main
 from pipeline_assets.driver import start_run
@@ -34,6 +35,7 @@ def one_line_error(capsys) -> str:
         (["run", "--branch", "main", "--sha", "abc1234"], "not both"),
         (["run", "--branch", "no-such-branch-anywhere"], "no-such-branch-anywhere"),
         (["run", "--build-database", "--reuse-database"], "not allowed with"),
+        (["run", "--fit-device", "gpu"], "invalid choice: 'gpu'"),
         (["frobnicate"], "frobnicate"),
         ([], "required"),
         (["status", "latest"], "malformed run_id 'latest'"),
@@ -51,6 +53,16 @@ def test_run_refuses_a_sha_other_than_the_installed_code(store, capsys, monkeypa
     err = one_line_error(capsys)
     assert "f" * 40 in err and "check out" in err
     assert store.list_runs() == []  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_cuda_fits_without_a_gpu_are_refused_before_a_run_is_made(store, capsys, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CODE_SHA", PINNED_SHA)
+    monkeypatch.setattr("pipeline_assets.cli.code_state", lambda repo, ref=None: CodeState(PINNED_SHA, "main", False, None))
+    monkeypatch.delenv("PIPELINE_COMPUTE", raising=False)
+    assert main(["run", "--scale", "tiny", "--fit-device", "cuda"]) == 2
+    assert "device 'cuda'" in one_line_error(capsys)
+    assert store.list_runs() == []
 
 
 def test_status_lists_runs_and_one_run(store, capsys):

@@ -26,6 +26,7 @@ def with_library(env, name, version):
         {"local_fit": {"epochs": 7}},
         {"national_fit": {"lambda_l0": 0.5}},
         {"local_fit": {"lambda_l2": 0.01}},
+        {"national_fit": {"device": "cuda"}},  # a GPU fit computes other weights
         {"dataset": {"seed": 3}},
         {"calibration": {"clones": 3}},
         {"calibration": {"target_variables": ("person_count",)}},

@@ -49,6 +49,10 @@ class FitConfig(StepConfig):
     init_keep_prob: float = Field(0.9, gt=0, lt=1)
     seed: int = 0
     threads: int = Field(1, ge=1)
+    # Where the fit's tensors live: "cuda" needs a GPU where the fit runs (Modal's fit_remote, or a
+    # local one). Hashed into config_hash: a GPU fit draws other random numbers and sums in another
+    # order, so its weights differ from a CPU fit's.
+    device: Literal["cpu", "cuda"] = "cpu"
 
 
 class AreaConfig(StepConfig):

@@ -21,8 +21,19 @@ LOG_COLUMNS = [
 ]
 
 
+def fit_device(config: FitConfig) -> torch.device:
+    """The fit's torch device; "cuda" where torch sees no GPU is refused before any work is done."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{config.scope} fit device 'cuda': torch {torch.__version__} sees no CUDA GPU on this machine; "
+            "expected device 'cpu', or the fit run where a GPU is (Modal's fit_remote)"
+        )
+    return torch.device(config.device)
+
+
 def fit_l0(matrix, target_values, groups, init_weights, config: FitConfig) -> np.ndarray:
     """Run l0-python's SparseCalibrationWeights once over all epochs; return the deterministic weights."""
+    device = fit_device(config)
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     torch.sparse.check_sparse_tensor_invariants.disable()  # the matrix comes from scipy's CSR: valid
@@ -31,6 +42,7 @@ def fit_l0(matrix, target_values, groups, init_weights, config: FitConfig) -> np
         init_weights=init_weights,
         init_keep_prob=config.init_keep_prob,
         seed=config.seed,
+        device=device,
     )
     model.fit(
         M=matrix,
@@ -80,6 +92,7 @@ def fit_rows(package: CalibrationPackage, scope: str) -> tuple[np.ndarray, int]:
 
 def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
     """Fit weights over every clone against the scope's reachable targets; log before and after."""
+    fit_device(config)
     package = load_calibration_package(package_path)
     rows, unreachable = fit_rows(package, config.scope)
     matrix = package.matrix[rows]
