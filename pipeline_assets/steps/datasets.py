@@ -225,7 +225,7 @@ def draw_within_groups(
     cumulative share exceeds u ~ U(0, 1): with options in value order, the u-quantile.
     """
     shares = option_share / pd.Series(option_share).groupby(option_group).transform("sum").to_numpy()
-    cumulative = pd.Series(shares).groupby(option_group).cumsum().to_numpy()
+    cumulative = pd.Series(shares).groupby(option_group).cumsum().to_numpy(copy=True)  # written below
     last_of_group = np.r_[option_group[1:] != option_group[:-1], True]
     cumulative[last_of_group] = 1.0  # no rounding gap at the top of a group
     return np.searchsorted(option_group + cumulative, groups + rng.random(len(groups)), side="right")
