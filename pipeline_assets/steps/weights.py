@@ -21,6 +21,48 @@ LOG_COLUMNS = [
 ]
 
 
+class _RowSums(torch.autograd.Function):
+    """y = M @ w for a CSR matrix, by a segment sum per row, and the gradient M^T @ g the same way from
+    the transpose's CSR. Each sum adds its terms in one fixed order, so a GPU fit repeats bit for bit:
+    torch's COO product, which l0-python uses, adds with atomics in whatever order the GPU runs them."""
+
+    @staticmethod
+    def forward(ctx, weights, matrix, transpose):
+        ctx.transpose = transpose
+        return _csr_times(matrix, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _csr_times(ctx.transpose, grad), None, None
+
+
+def _csr_times(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], vector: torch.Tensor) -> torch.Tensor:
+    indptr, indices, values = csr
+    return torch.segment_reduce(values * vector[indices], "sum", offsets=indptr, unsafe=True)
+
+
+def _csr_tensors(matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    matrix = matrix.tocsr()
+    return (
+        torch.as_tensor(matrix.indptr, dtype=torch.long, device=device),
+        torch.as_tensor(matrix.indices, dtype=torch.long, device=device),
+        torch.as_tensor(matrix.data, dtype=torch.float32, device=device),
+    )
+
+
+class ReproducibleCalibrationWeights(SparseCalibrationWeights):
+    """l0-python's model with its sparse product done by _RowSums: the same math, the same bits on
+    every repeat on CPU and GPU alike."""
+
+    _csr_of = None  # the scipy matrix whose tensors (and its transpose's) are cached in _csr
+
+    def forward(self, M, deterministic: bool = False) -> torch.Tensor:
+        if self._csr_of is not M:
+            self._csr = (_csr_tensors(M, self.device), _csr_tensors(M.T, self.device))
+            self._csr_of = M
+        return _RowSums.apply(self.get_weights(deterministic=deterministic), *self._csr)
+
+
 def fit_device(config: FitConfig) -> torch.device:
     """The fit's torch device; "cuda" where torch sees no GPU is refused before any work is done."""
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -31,13 +73,18 @@ def fit_device(config: FitConfig) -> torch.device:
     return torch.device(config.device)
 
 
-def fit_l0(matrix, target_values, groups, init_weights, config: FitConfig) -> np.ndarray:
-    """Run l0-python's SparseCalibrationWeights once over all epochs; return the deterministic weights."""
+def fit_l0(
+    matrix, target_values, groups, init_weights, config: FitConfig, model_class=ReproducibleCalibrationWeights
+) -> np.ndarray:
+    """Run the L0 calibration model once over all epochs; return the deterministic weights.
+
+    `model_class` is ReproducibleCalibrationWeights; l0-python's own SparseCalibrationWeights (its COO
+    product) is the benches' baseline."""
     device = fit_device(config)
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     torch.sparse.check_sparse_tensor_invariants.disable()  # the matrix comes from scipy's CSR: valid
-    model = SparseCalibrationWeights(
+    model = model_class(
         n_features=matrix.shape[1],
         init_weights=init_weights,
         init_keep_prob=config.init_keep_prob,
