@@ -21,6 +21,7 @@ from l0.calibration import SparseCalibrationWeights
 from bench.common import add_run_options, bench_parser, median_seconds, pinned_code, result_name, run_config, timed, write_result
 from pipeline_assets import stages
 from pipeline_assets.driver import run_release
+from pipeline_assets.reuse import read_record
 from pipeline_assets.steps.calibration import load_calibration_package, relative_errors
 from pipeline_assets.steps.weights import ReproducibleCalibrationWeights, fit_l0, fit_rows
 from resources.run_store import LocalRunStore
@@ -46,6 +47,15 @@ def repeated_fits(problem: tuple, config, repeats: int, model_class) -> dict:
     }
 
 
+def differing_outputs(store: LocalRunStore, run_a: str, run_b: str) -> list[str]:
+    """The output files of two runs whose sha256 differ, by path in the run."""
+    differing = []
+    for step in stages.STEP_ORDER:
+        a, b = read_record(store, run_a, step).outputs, read_record(store, run_b, step).outputs
+        differing += sorted(rel for rel in a.keys() | b.keys() if a.get(rel) != b.get(rel))
+    return differing
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = add_run_options(bench_parser(__doc__, repeats=3))
     parser.set_defaults(fit_device="cuda")
@@ -55,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalRunStore(Path(tmp))
         run_seconds, (meta, _) = timed(lambda: run_release(store, config, code, running_sha=sha))
+        again, _ = run_release(store, config.model_copy(update={"reuse": False}), code, running_sha=sha)
+        differing = differing_outputs(store, meta.run_id, again.run_id)
         package = load_calibration_package(stages.artifact(store, meta.run_id, "calibration_package"))
     rows, _ = fit_rows(package, "local")
     targets = package.targets.iloc[rows]
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             "columns": int(problem[0].shape[1]),
             "targets": int(problem[0].shape[0]),
             "whole_run_s": run_seconds,
+            # A second whole run without reuse: every output's sha256 against the first run's.
+            "rerun_outputs_differing": differing,
             "run_steps_s": {step: t.duration_s for step, t in meta.step_timings.items()},
             "ours_on_device": ours,
             "l0_python_on_device": stock,
