@@ -9,12 +9,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline_assets import modal_app
 from pipeline_assets.identity import VersionSkewError
 from pipeline_assets.stages import H5_ROOT, artifact, fit_config
 from pipeline_assets.steps import geography
-from pipeline_assets.steps.config import RunConfig
+from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.local_areas import build_area_h5, load_area_inputs
 from resources.files import sha256_file
 from resources.modal_compute import ModalCompute, stripes
@@ -130,6 +131,21 @@ def test_fit_runs_on_the_configured_gpu_and_returns_its_environment(tiny_release
     (env,) = compute.last_environments
     assert (env.cloud_region, env.container_image_digest, env.compute_pool) == ("us-east-1", "im-usdata123", "modal-gpu-H100")
     assert env.instance_id.startswith("ta-")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here the double's fit would run on the GPU")
+def test_a_cuda_fit_reaches_the_remote_as_cuda(tiny_release, tmp_path, monkeypatch):
+    """The device travels in the fit's config: the remote fits on its GPU (this double has none, so
+    it refuses the way a container without a GPU would), and nothing is written here."""
+    store, meta, _ = tiny_release
+    config = fit_config(RunConfig.model_validate(meta.config), "state_weights").model_copy(update={"device": "cuda"})
+    functions = fake_functions(monkeypatch)
+    compute = ModalCompute(gpu="H100", functions=functions, pinned_sha=PINNED_SHA)
+    with pytest.raises(ValueError, match="local fit device 'cuda'"):
+        compute.fit(artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
+    (call,) = functions.fit_remote.log.remote
+    assert FitConfig.model_validate_json(call[1]).device == "cuda"
+    assert not (tmp_path / "w.npy").exists()
 
 
 def test_a_remote_running_other_code_refuses(tiny_release, tmp_path, monkeypatch):
