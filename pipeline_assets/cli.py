@@ -141,6 +141,17 @@ def _report(step: str, status: str, duration: float | None) -> None:
     print(f"  [{mark}] {step}{timing}", flush=True)
 
 
+def refuse_fits_without_their_device(config: RunConfig) -> None:
+    """A cuda fit that would run here (local compute) needs a GPU here: refuse before a run is made."""
+    if os.environ.get("PIPELINE_COMPUTE", "local") != "local":
+        return
+    for fit in (config.local_fit, config.national_fit):
+        if fit.device == "cuda":
+            from pipeline_assets.steps.weights import fit_device  # imports torch: only when asked for
+
+            fit_device(fit)
+
+
 def command_run(args: argparse.Namespace) -> int:
     from pipeline_assets.launch import dagster_home, launch_release
     from dagster import DagsterInstance
@@ -159,10 +170,7 @@ def command_run(args: argparse.Namespace) -> int:
     for fit in ("local_fit", "national_fit"):
         overrides.setdefault(fit, {})["device"] = args.fit_device
     config = config_for_scale(args.scale, **overrides)
-    if args.fit_device == "cuda" and os.environ.get("PIPELINE_COMPUTE", "local") == "local":
-        from pipeline_assets.steps.weights import fit_device
-
-        fit_device(config.local_fit)  # refuse here, before a run is made, where no GPU is
+    refuse_fits_without_their_device(config)
     store = LocalRunStore()
     home = dagster_home()
     print(f"pinned {code.sha} ({code.branch or 'detached'}{', dirty' if code.dirty else ''}); scale {args.scale}")
@@ -256,12 +264,13 @@ def command_reproduce(args: argparse.Namespace) -> int:
     parse_run_id(args.run_id)
     store = LocalRunStore()
     code = code_state(SOURCE_ROOT)
-    workers = RunConfig.model_validate(store.read_meta(args.run_id).config).areas.workers
+    config = RunConfig.model_validate(store.read_meta(args.run_id).config)
+    refuse_fits_without_their_device(config)
     dagster_home()
     print(f"reproducing {args.run_id} at {code.sha}")
     with DagsterInstance.get() as instance:
         result = reproduce(store, instance, args.run_id, code, force=args.force, report=_report,
-                           compute={"workers": workers})
+                           compute={"workers": config.areas.workers})
     for difference in result.environment_differences:
         print(f"environment differs: {difference.field}: {difference.recorded} -> {difference.current}")
     identical = sum(a.identical for a in result.artifacts)
@@ -286,7 +295,7 @@ def command_resume(args: argparse.Namespace) -> int:
     print(f"resuming {args.run_id} at {meta.sha}")
     with DagsterInstance.get() as instance:
         outcome = resume_release(store, instance, args.run_id, report=_report, running_sha=running_code_sha(),
-                                 compute={"workers": workers})
+                                 compute={"workers": config.areas.workers})
         fits = fit_summary(instance, args.run_id)
     print_summary(store, outcome.meta, home, fits, outcome)
     return 0 if outcome.meta.status.value == "completed" else 1

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 from dagster import instance_for_test
 
 from pipeline_assets import reproduce as reproduction
@@ -94,3 +95,15 @@ def test_cli_reproduce_rejects_a_bad_run_id(capsys):
     assert main(["reproduce", "not-a-run-id"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("usdata-pipeline: error:") and "\n" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_cli_reproduce_of_gpu_fits_without_a_gpu_is_refused_before_a_run_is_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_STORE", str(tmp_path / "store"))
+    monkeypatch.delenv("PIPELINE_COMPUTE", raising=False)
+    store = LocalRunStore()
+    run_id = start_run(store, config_for_scale("tiny", national_fit={"device": "cuda"}), CODE).run_id
+    assert main(["reproduce", run_id]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "national fit device 'cuda'" in err and "\n" not in err
+    assert [m.run_id for m in store.list_runs()] == [run_id]
