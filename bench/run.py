@@ -1,6 +1,11 @@
-"""`make bench`: every benchmark of the project, results under bench/results/."""
+"""`make bench`: every benchmark of the project, results under bench/results/; on a machine where
+torch sees a GPU, the GPU fit benches too (results *_cuda.json)."""
 
-from bench import foundation, orchestration, provenance, scaleout
+import os
+
+import torch
+
+from bench import fit_device, foundation, orchestration, provenance, scaleout
 
 
 def main() -> None:
@@ -8,6 +13,10 @@ def main() -> None:
     orchestration.main([])
     provenance.main([])
     scaleout.main([])
+    if torch.cuda.is_available():
+        workers = ["--workers", str(os.cpu_count())]
+        fit_device.main(workers)
+        provenance.main(["--fit-device", "cuda", *workers])
 
 
 if __name__ == "__main__":
