@@ -140,6 +140,7 @@ class TrustedResearchPerformance(Node):
     cloud_region: str | None = Field(None, alias="pe:cloudRegion")
     compute_pool: str | None = Field(None, alias="pe:computePool")
     instance_id: str | None = Field(None, alias="pe:instanceId")
+    gpu_model: str | None = Field(None, alias="pe:gpuModel")  # where a GPU was present (a cuda fit's)
     ci_git_sha: str | None = Field(None, alias="pe:ciGitSha")
     ci_run_url: str | None = Field(None, alias="pe:ciRunUrl")
 
@@ -252,6 +253,7 @@ def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> T
         cloud_region=env.get("cloud_region"),
         compute_pool=env.get("compute_pool"),
         instance_id=env.get("instance_id"),
+        gpu_model=env.get("gpu_model"),
         ci_git_sha=env.get("ci_git_sha"),
         ci_run_url=env.get("ci_run_url"),
     )

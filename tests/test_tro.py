@@ -117,6 +117,14 @@ def test_a_completed_run_has_a_tro_of_every_input_output_and_step(tiny_release):
         assert json.loads(performance["pe:libraryVersions"])["numpy"]
 
 
+def test_a_step_that_ran_with_a_gpu_names_it(tiny_release):
+    store, meta, _ = tiny_release
+    record = read_record(store, meta.run_id, "state_weights")
+    on_gpu = record.model_copy(update={"environment": {**record.environment, "gpu_model": "NVIDIA H200"}})
+    dumped = tro._performance(3, on_gpu, None).model_dump(by_alias=True, exclude_none=True)
+    assert dumped["pe:gpuModel"] == "NVIDIA H200"
+
+
 def test_tro_utils_reads_the_tro_and_agrees_on_fingerprint_and_files(tiny_release, tmp_path):
     from tro_utils.models import TransparentResearchObject
     from tro_utils.models.composition import CompositionFingerprint
