@@ -290,7 +290,8 @@ def command_resume(args: argparse.Namespace) -> int:
     parse_run_id(args.run_id)
     store = LocalRunStore()
     meta = store.read_meta(args.run_id)
-    workers = RunConfig.model_validate(meta.config).areas.workers
+    config = RunConfig.model_validate(meta.config)
+    refuse_fits_without_their_device(config)
     home = dagster_home()
     print(f"resuming {args.run_id} at {meta.sha}")
     with DagsterInstance.get() as instance:

@@ -65,6 +65,23 @@ def test_cuda_fits_without_a_gpu_are_refused_before_a_run_is_made(store, capsys,
     assert store.list_runs() == []
 
 
+def test_resume_refuses_a_run_that_has_not_failed(store, capsys):
+    run_id = start_run(store, config_for_scale("tiny"), CodeState(PINNED_SHA, "main", False, None)).run_id
+    assert main(["resume", run_id]) == 2
+    assert f"run {run_id} is running: only a failed run can be resumed" in one_line_error(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_resume_of_gpu_fits_without_a_gpu_is_refused(store, capsys, monkeypatch):
+    monkeypatch.delenv("PIPELINE_COMPUTE", raising=False)
+    config = config_for_scale("tiny", local_fit={"device": "cuda"})
+    run_id = start_run(store, config, CodeState(PINNED_SHA, "main", False, None)).run_id
+    store.update_meta(run_id, lambda m: m.transition(RunStatus.failed))
+    assert main(["resume", run_id]) == 2
+    assert "local fit device 'cuda'" in one_line_error(capsys)
+    assert store.read_meta(run_id).status is RunStatus.failed  # left as it was
+
+
 def test_status_lists_runs_and_one_run(store, capsys):
     assert main(["status"]) == 0 and "no runs" in capsys.readouterr().out
     code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
