@@ -47,7 +47,10 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, list[
 
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "measured_at": datetime.now(timezone.utc).isoformat(), "machine": machine(), **payload}
+    payload = {
+        "benchmark": name, "measured_at": datetime.now(timezone.utc).isoformat(), "code_sha": running_code_sha(),
+        "machine": machine(), **payload,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}")
