@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from l0.calibration import SparseCalibrationWeights
 
@@ -23,17 +22,19 @@ from pipeline_assets import stages
 from pipeline_assets.driver import run_release
 from pipeline_assets.reuse import read_record
 from pipeline_assets.steps.calibration import load_calibration_package, relative_errors
-from pipeline_assets.steps.weights import ReproducibleCalibrationWeights, fit_l0, fit_rows
+from pipeline_assets.steps.weights import FitProblem, ReproducibleCalibrationWeights, fit_l0, fit_problem
 from resources.run_store import LocalRunStore
 
 
-def repeated_fits(problem: tuple, config, repeats: int, model_class) -> dict:
+def repeated_fits(problem: FitProblem, config, repeats: int, model_class) -> dict:
     """Median seconds of `repeats` fits, whether their weights are bit-identical, the fit's error."""
-    matrix, targets, groups, initial = problem
     fits: list[np.ndarray] = []
-    median, samples = median_seconds(lambda: fits.append(fit_l0(matrix, targets, groups, initial, config, model_class)), repeats)
+    median, samples = median_seconds(
+        lambda: fits.append(fit_l0(problem.matrix, problem.values, problem.groups, problem.initial, config, model_class)),
+        repeats,
+    )
     digests = sorted({hashlib.sha256(weights.tobytes()).hexdigest() for weights in fits})
-    errors = np.abs(relative_errors(matrix @ fits[-1], targets))
+    errors = np.abs(relative_errors(problem.matrix @ fits[-1], problem.values))
     return {
         "model": model_class.__name__,
         "device": config.device,
@@ -68,13 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         again, _ = run_release(store, config.model_copy(update={"reuse": False}), code, running_sha=sha)
         differing = differing_outputs(store, meta.run_id, again.run_id)
         package = load_calibration_package(stages.artifact(store, meta.run_id, "calibration_package"))
-    rows, _ = fit_rows(package, "local")
-    targets = package.targets.iloc[rows]
-    problem = (
-        package.matrix[rows], targets["value"].to_numpy(float), pd.factorize(targets["group"])[0],
-        package.columns["base_weight"].to_numpy(float),
-    )
     fit = config.local_fit
+    problem = fit_problem(package, fit.scope)
     ours = repeated_fits(problem, fit, args.repeats, ReproducibleCalibrationWeights)
     stock = repeated_fits(problem, fit, args.repeats, SparseCalibrationWeights)
     cpu = repeated_fits(problem, fit.model_copy(update={"device": "cpu", "threads": os.cpu_count()}), 1, ReproducibleCalibrationWeights)
@@ -83,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         {
             "scale": args.scale,
             "epochs": fit.epochs,
-            "columns": int(problem[0].shape[1]),
-            "targets": int(problem[0].shape[0]),
+            "columns": int(problem.matrix.shape[1]),
+            "targets": int(problem.matrix.shape[0]),
             "whole_run_s": run_seconds,
             # A second whole run without reuse: every output's sha256 against the first run's.
             "rerun_outputs_differing": differing,

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from l0.calibration import SparseCalibrationWeights
 
 from bench.common import bench_parser, median_seconds, pinned_code, write_result
@@ -16,7 +15,7 @@ from pipeline_assets import stages
 from pipeline_assets.driver import run_release
 from pipeline_assets.steps.calibration import load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
-from pipeline_assets.steps.weights import fit_l0, fit_rows, fit_weights
+from pipeline_assets.steps.weights import fit_l0, fit_problem, fit_weights
 from resources.run_store import LocalRunStore
 
 
@@ -31,21 +30,17 @@ def main(argv: list[str] | None = None) -> None:
         package_path = stages.artifact(store, meta.run_id, "calibration_package")
         package = load_calibration_package(package_path)
         fit = config.local_fit
-        rows, _unreachable = fit_rows(package, fit.scope)
-        matrix = package.matrix[rows]
-        targets = package.targets.iloc[rows]
-        groups = pd.factorize(targets["group"])[0]
-        initial = package.columns["base_weight"].to_numpy(float)
+        problem = fit_problem(package, fit.scope)
+        direct_args = (problem.matrix, problem.values, problem.groups, problem.initial, fit)
 
         step_median, step_samples = median_seconds(
             lambda: fit_weights(package_path, Path(tmp) / "w.npy", Path(tmp) / "log.csv", fit), args.repeats
         )
         direct_median, direct_samples = median_seconds(
-            lambda: fit_l0(matrix, targets["value"].to_numpy(float), groups, initial, fit), args.repeats
+            lambda: fit_l0(*direct_args), args.repeats
         )
         stock_median, stock_samples = median_seconds(
-            lambda: fit_l0(matrix, targets["value"].to_numpy(float), groups, initial, fit, SparseCalibrationWeights),
-            args.repeats,
+            lambda: fit_l0(*direct_args, SparseCalibrationWeights), args.repeats
         )
         fit_figures = results["state_weights"].figures
         nonzero = int(np.count_nonzero(np.load(stages.artifact(store, meta.run_id, "state_weights"))))
@@ -55,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
             "scale": args.scale,
             "households": config.dataset.households,
             "clones": config.calibration.clones,
-            "columns": int(matrix.shape[1]),
+            "columns": int(problem.matrix.shape[1]),
             "targets_total": int(package.matrix.shape[0]),
-            "targets_local_fit": int(matrix.shape[0]),
+            "targets_local_fit": int(problem.matrix.shape[0]),
             "epochs": fit.epochs,
             "step_seconds": steps,
             "total_seconds": round(sum(steps.values()), 3),

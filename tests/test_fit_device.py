@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
-from pipeline_assets.steps.config import FitConfig
 from l0.calibration import SparseCalibrationWeights
 
+from pipeline_assets.steps.config import FitConfig
 from pipeline_assets.steps.weights import ReproducibleCalibrationWeights, _RowSums, fit_l0, fit_weights
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU here")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from l0.calibration import SparseCalibrationWeights
 
@@ -137,16 +139,37 @@ def fit_rows(package: CalibrationPackage, scope: str) -> tuple[np.ndarray, int]:
     return scope_rows[reachable], int((~reachable).sum())
 
 
+@dataclass(frozen=True)
+class FitProblem:
+    """What one scope's fit works on: the reachable target rows of the package's matrix, their
+    values and loss groups, and the base weights it starts from."""
+
+    matrix: sp.csr_matrix
+    targets: pd.DataFrame
+    values: np.ndarray
+    groups: np.ndarray
+    initial: np.ndarray
+    unreachable: int
+
+
+def fit_problem(package: CalibrationPackage, scope: str) -> FitProblem:
+    rows, unreachable = fit_rows(package, scope)
+    targets = package.targets.iloc[rows]
+    return FitProblem(
+        matrix=package.matrix[rows],
+        targets=targets,
+        values=targets["value"].to_numpy(float),
+        groups=pd.factorize(targets["group"])[0],
+        initial=package.columns["base_weight"].to_numpy(float),
+        unreachable=unreachable,
+    )
+
+
 def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
     """Fit weights over every clone against the scope's reachable targets; log before and after."""
     fit_device(config)
-    package = load_calibration_package(package_path)
-    rows, unreachable = fit_rows(package, config.scope)
-    matrix = package.matrix[rows]
-    targets = package.targets.iloc[rows]
-    target_values = targets["value"].to_numpy(float)
-    groups = pd.factorize(targets["group"])[0]
-    initial = package.columns["base_weight"].to_numpy(float)
+    problem = fit_problem(load_calibration_package(package_path), config.scope)
+    matrix, target_values, groups, initial = problem.matrix, problem.values, problem.groups, problem.initial
 
     started = time.perf_counter()
     weights = fit_l0(matrix, target_values, groups, initial, config)
@@ -154,7 +177,7 @@ def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: 
 
     before, after = matrix @ initial, matrix @ weights
     loss_before, loss_after = group_loss(before, target_values, groups), group_loss(after, target_values, groups)
-    names = targets["name"].to_numpy()
+    names = problem.targets["name"].to_numpy()
     log = pd.concat(
         [calibration_log(names, before, target_values, 0, loss_before),
          calibration_log(names, after, target_values, config.epochs, loss_after)],
@@ -171,8 +194,8 @@ def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: 
     return StepResult(
         outputs={"weights": weights_path, "calibration_log": log_path},
         figures={
-            "targets": int(len(rows)),
-            "unreachable_targets": unreachable,
+            "targets": int(len(target_values)),
+            "unreachable_targets": problem.unreachable,
             "columns": int(matrix.shape[1]),
             "epochs": config.epochs,
             "initial_mean_rel_abs_error": float(rel_before.mean()),
