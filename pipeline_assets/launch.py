@@ -13,6 +13,7 @@ from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance, Dagst
 from pipeline_assets.checks import failing_checks
 from pipeline_assets.driver import settle_run, start_run
 from pipeline_assets.identity import ensure_no_skew, running_code_sha
+from pipeline_assets.jobs import start_step_server
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import RunConfig
 from resources.files import write_bytes_atomic
@@ -150,6 +151,7 @@ def _execute(store, instance, run_id, run_config, tags, report, ledger, reexecut
     done = threading.Event()
     watcher = threading.Thread(target=_watch_steps, args=(store, run_id, report, done), daemon=True)
     watcher.start()
+    start_step_server()
     try:
         with execute_job(
             reconstructable(release_job),

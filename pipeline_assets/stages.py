@@ -155,6 +155,11 @@ def wanted_areas(area_codes: set[str] | None) -> list:
     return wanted if area_codes is None else [area for area in wanted if area.code in area_codes]
 
 
+def area_paths() -> list[str]:
+    """The run paths of all 488 area files plus national."""
+    return [f"{H5_ROOT}/{area.relpath}" for area in wanted_areas(None)]
+
+
 def build_areas(store: LocalRunStore, run_id: str, pool: LocalPool, areas: list, out_root: Path) -> list[AreaResult]:
     loader_args = tuple(artifact(store, run_id, name) for name in STEP_INPUTS["local_areas"])
     return pool.map_with_inputs(build_area_h5, areas, load_area_inputs, loader_args, out_root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,6 +16,7 @@ from pipeline_assets.promotion import (
     clean,
     promote,
     rollback,
+    stage_release,
 )
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.tro import TRO_NAME
@@ -22,7 +24,7 @@ from resources.files import sha256_file
 from resources.git import CodeState
 from resources.publishers import GcsPublisher, LocalPublisher
 from resources.registry import GcsRegistry, InvalidVersion, LocalRegistry, VersionManifest
-from resources.run_store import RunStatus
+from resources.run_store import LocalRunStore, RunStatus, RunStoreError
 from tests.conftest import PINNED_SHA
 
 
@@ -53,6 +55,18 @@ def test_stage_release_gathers_what_a_release_publishes(store):
                 "artifacts/national_weights.npy", "diagnostics/validation.csv", "diagnostics/calibration_log.csv", TRO_NAME]:
         assert rel in files, rel
     assert sha256_file(store.path(f"staging/{run_id}/states/AL.h5")) == files["states/AL.h5"]
+
+
+def test_stage_release_refuses_a_run_missing_an_area_file(tiny_release, tmp_path):
+    """staged_release has one edge to the area step, not 489: staging itself checks they are all there."""
+    source, meta, _ = tiny_release
+    store = LocalRunStore(tmp_path / "store")
+    shutil.copytree(source.root, store.root)
+    shutil.rmtree(store.path(f"staging/{meta.run_id}"), ignore_errors=True)
+    store.path(f"runs/{meta.run_id}/h5s/districts/AL-01.h5").unlink()
+    with pytest.raises(RunStoreError, match=r"1 of its area files missing \(e.g. h5s/districts/AL-01.h5\)"):
+        stage_release(store, meta.run_id)
+    assert not store.path(f"staging/{meta.run_id}").exists()
 
 
 def test_promote_on_the_local_backend(store):
