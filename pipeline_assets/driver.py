@@ -6,8 +6,10 @@ release is.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline_assets import stages
 from pipeline_assets.identity import ensure_no_skew, make_run_id, package_version, running_code_sha
@@ -53,24 +55,30 @@ def step_inputs(store: LocalRunStore, run_id: str, step: str) -> dict[str, str]:
     return files
 
 
-def run_step(
-    store: LocalRunStore,
-    run_id: str,
-    step: str,
-    work: Callable[[], tuple[object, StepRecord]],
-    running_sha: str,
-    lineage: Lineage | None = None,
-):
-    """Run one step under the skew guard, recording its timing, identity and reuse, or its error, and
-    reporting it to OpenLineage (START, then COMPLETE or FAIL; `lineage` defaults to the configured one)."""
+@dataclass
+class StepOutcome:
+    """What a step reports when its work is done: the record of what it made."""
+
+    record: StepRecord | None = None
+
+
+@contextmanager
+def recorded_step(
+    store: LocalRunStore, run_id: str, step: str, running_sha: str, lineage: Lineage | None = None
+) -> Iterator[StepOutcome]:
+    """One step under the skew guard, recording its timing, identity and reuse (from the outcome's
+    record, set by the work in the `with` block), or its error, and reporting it to OpenLineage
+    (START, then COMPLETE or FAIL; `lineage` defaults to the configured one). A context rather than a
+    call, so the area asset can report each file while the rest are still being built."""
     meta = store.read_meta(run_id)
     ensure_no_skew(run_id, meta.sha, step, running_sha)
     started = store.update_meta(run_id, lambda m: m.step_started(step)).step_timings[step].started_at
     lineage = lineage or Lineage.configured(store.root)
     attempt = StepRun(run_id, meta.created_at, step, started, step_inputs(store, run_id, step))
     lineage.emit(attempt, RunState.START, capture().model_dump())
+    outcome = StepOutcome()
     try:
-        result, record = work()
+        yield outcome
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
@@ -83,11 +91,25 @@ def run_step(
         store.update_meta(run_id, fail)
         lineage.emit(attempt, RunState.FAIL, capture().model_dump(), error=message)
         raise
+    record = outcome.record
     facts = {"env_id": record.env_id, "reuse": record.reuse, "reused_from": record.reused_from}
     store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded", **facts))
     outputs = {str(store.path(store.run_key(run_id, rel))): digest for rel, digest in record.outputs.items()}
     lineage.emit(attempt, RunState.COMPLETE, record.environment, record.env_id, outputs)
-    return result, record
+
+
+def run_step(
+    store: LocalRunStore,
+    run_id: str,
+    step: str,
+    work: Callable[[], tuple[object, StepRecord]],
+    running_sha: str,
+    lineage: Lineage | None = None,
+):
+    """`work()` as a recorded_step; returns its (result, record)."""
+    with recorded_step(store, run_id, step, running_sha, lineage) as outcome:
+        result, outcome.record = work()
+    return result, outcome.record
 
 
 def run_record_files(store: LocalRunStore, run_id: str) -> dict[str, bytes]:

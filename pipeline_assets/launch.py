@@ -108,6 +108,7 @@ def launch_release(
     recorded in the ledger: `ledger`, else the configured one, opened before the run starts)."""
     run_config = job_run_config(store, running_sha, compute, lineage)
     ledger = ledger or configured_ledger(store.root)
+    start_step_server()  # its imports overlap creating the run
     meta = start_run(store, config, code)
     instance.add_dynamic_partitions(RUN_IDS, [meta.run_id])
     tags = {"dagster/partition": meta.run_id, "git_sha": code.sha, "branch": code.branch or ""}
@@ -141,6 +142,7 @@ def resume_release(
         m.transition(RunStatus.running)
         m.error = None
 
+    start_step_server()
     store.update_meta(run_id, reopen)
     options = ReexecutionOptions.from_failure(parent[0].run_id, instance) if parent else None
     tags = {"dagster/partition": run_id, "git_sha": meta.sha, "branch": meta.branch or "", "resumed": "true"}
@@ -151,7 +153,6 @@ def _execute(store, instance, run_id, run_config, tags, report, ledger, reexecut
     done = threading.Event()
     watcher = threading.Thread(target=_watch_steps, args=(store, run_id, report, done), daemon=True)
     watcher.start()
-    start_step_server()
     try:
         with execute_job(
             reconstructable(release_job),

@@ -10,7 +10,7 @@ from typing import Iterator
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, multi_asset
 
 from pipeline_assets import stages
-from pipeline_assets.driver import run_step
+from pipeline_assets.driver import recorded_step
 from pipeline_assets.materialize import file_metadata, identity_metadata, worker_environment_metadata
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.tro import signer_from_environment, write_tro
@@ -60,29 +60,37 @@ def local_areas(
     code: CodeResource,
     lineage: LineageResource,
 ) -> Iterator[MaterializeResult]:
-    """Build the selected area files (all 489 by default) on the compute pool."""
+    """Build the selected area files (all 489 by default) on the compute pool, each materialized as
+    soon as its file is written: Dagster's ~20 ms of bookkeeping per area overlaps the building."""
     store = run_store.store()
     run_id = context.partition_key
     meta = store.read_meta(run_id)
     codes = {AREA_BY_KEY[key].code for key in context.selected_asset_keys}
     env = runtime.capture()
     pool = compute.pool(meta.sha)
-    results, record = run_step(
-        store, run_id, "local_areas", lambda: stages.execute_areas(store, run_id, pool, env, codes), code.running_sha(),
-        lineage.lineage(store),
-    )
-    shared = {**identity_metadata(meta, record), **worker_environment_metadata(pool, env)}
-    if record.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it
-        shared["tro_revision"] = write_tro(store, run_id, signer_from_environment()).name
     h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
-    for result in results:
-        yield MaterializeResult(
-            asset_key=KEY_BY_CODE[result.area],
-            metadata={
-                **shared,
-                **file_metadata(h5_root / result.relpath, result.sha256),
-                "households": result.households,
-                "weight_sum": result.weight_sum,
-                "population": result.population,
-            },
-        )
+    shared: dict = {}
+
+    def metadata(result) -> dict:
+        if not shared:  # at the first file: a remote pool knows its workers' environments by then
+            probe = stages.area_probe(store, run_id, env)  # the step's identity, as its record will have it
+            shared.update(identity_metadata(meta, probe), **worker_environment_metadata(pool, env))
+            if probe.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it
+                shared["tro_revision"] = write_tro(store, run_id, signer_from_environment()).name
+        return {
+            **shared,
+            **file_metadata(h5_root / result.relpath, result.sha256),
+            "households": result.households,
+            "weight_sum": result.weight_sum,
+            "population": result.population,
+        }
+
+    with recorded_step(store, run_id, "local_areas", code.running_sha(), lineage.lineage(store)) as outcome:
+        stream = stages.stream_areas(store, run_id, pool, env, codes)
+        while True:
+            try:
+                result = next(stream)
+            except StopIteration as done:
+                outcome.record = done.value
+                break
+            yield MaterializeResult(asset_key=KEY_BY_CODE[result.area], metadata=metadata(result))

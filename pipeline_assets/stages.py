@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Generator, Iterator
 
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.calibration import build_calibration_package
@@ -160,15 +161,16 @@ def area_paths() -> list[str]:
     return [f"{H5_ROOT}/{area.relpath}" for area in wanted_areas(None)]
 
 
-def build_areas(store: LocalRunStore, run_id: str, pool: LocalPool, areas: list, out_root: Path) -> list[AreaResult]:
+def build_areas(store: LocalRunStore, run_id: str, pool: LocalPool, areas: list, out_root: Path) -> Iterator[AreaResult]:
     loader_args = tuple(artifact(store, run_id, name) for name in STEP_INPUTS["local_areas"])
-    return pool.map_with_inputs(build_area_h5, areas, load_area_inputs, loader_args, out_root)
+    return pool.iter_with_inputs(build_area_h5, areas, load_area_inputs, loader_args, out_root)
 
 
 def run_local_areas(
     store: LocalRunStore, run_id: str, pool: LocalPool, area_codes: set[str] | None = None
-) -> list[AreaResult]:
-    """Build the 488 area files plus national (or the subset `area_codes`) on the worker pool."""
+) -> Iterator[AreaResult]:
+    """Build the 488 area files plus national (or the subset `area_codes`) on the worker pool,
+    each result as its file is written."""
     wanted = wanted_areas(area_codes)
     for area in wanted:
         store.output_path(run_id, f"{H5_ROOT}/{area.relpath}")  # refuses to rewrite a sealed run's file
@@ -186,7 +188,7 @@ def rebuild_sealed_areas(
     """
     aside = store.path(store.run_key(run_id, f".rebuild-{utcnow():%Y%m%d%H%M%S%f}"))
     try:
-        results = build_areas(store, run_id, pool, wanted_areas(area_codes), aside)
+        results = list(build_areas(store, run_id, pool, wanted_areas(area_codes), aside))
         recorded = read_record(store, run_id, "local_areas").outputs
         changed = [r.relpath for r in results if recorded.get(f"{H5_ROOT}/{r.relpath}") != r.sha256]
         if changed:
@@ -298,30 +300,50 @@ def execute_step(
     return result, record
 
 
+def area_probe(store: LocalRunStore, run_id: str, env: RuntimeEnvironment) -> StepRecord:
+    """The area step's identity before its first file: code, environment, inputs, and whether it
+    builds the run's areas (computed) or rebuilds a completed run's (rebuilt)."""
+    meta = store.read_meta(run_id)
+    reuse = "rebuilt" if meta.status in SEALED else "computed"
+    return _record(store, run_id, "local_areas", RunConfig.model_validate(meta.config), env, outputs={}, reuse=reuse)
+
+
+def stream_areas(
+    store: LocalRunStore, run_id: str, pool: LocalPool, env: RuntimeEnvironment, area_codes: set[str] | None = None
+) -> Generator[AreaResult, None, StepRecord]:
+    """Build the area files, yielding each result as its file is written; return the step's record
+    of every file's hash, written after the last.
+
+    A rebuild of some areas adds to the run's record. A rebuild in a completed run is verified to
+    reproduce its files (all of them, before any is reported) and recorded beside the original
+    record (steps/local_areas.rebuild-N.json), never over it.
+    """
+    started = utcnow()
+    probe = area_probe(store, run_id, env)
+    if probe.reuse == "rebuilt":
+        results = rebuild_sealed_areas(store, run_id, pool, area_codes)
+        outputs = {f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results}
+        record = probe.model_copy(update={"outputs": dict(sorted(outputs.items())), "started_at": started, "ended_at": utcnow()})
+        write_record(store, run_id, record, name=next_rebuild_name(store, run_id, "local_areas"))
+        yield from results
+        return record
+    previous = read_record(store, run_id, "local_areas")
+    outputs = dict(previous.outputs) if previous and area_codes is not None else {}
+    for result in run_local_areas(store, run_id, pool, area_codes):
+        outputs[f"{H5_ROOT}/{result.relpath}"] = result.sha256
+        yield result
+    record = probe.model_copy(update={"outputs": dict(sorted(outputs.items())), "started_at": started, "ended_at": utcnow()})
+    write_record(store, run_id, record)
+    return record
+
+
 def execute_areas(
     store: LocalRunStore, run_id: str, pool: LocalPool, env: RuntimeEnvironment, area_codes: set[str] | None = None
 ) -> tuple[list[AreaResult], StepRecord]:
-    """Build the area files and record every file's hash.
-
-    A rebuild of some areas adds to the run's record; a rebuild in a completed run is verified to
-    reproduce its files and recorded beside the original record (steps/local_areas.rebuild-N.json),
-    never over it.
-    """
-    started = utcnow()
-    meta = store.read_meta(run_id)
-    config = RunConfig.model_validate(meta.config)
-    if meta.status in SEALED:
-        results = rebuild_sealed_areas(store, run_id, pool, area_codes)
-        outputs = {f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results}
-        record = _record(store, run_id, "local_areas", config, env, outputs=dict(sorted(outputs.items())),
-                         started_at=started, ended_at=utcnow(), reuse="rebuilt")
-        write_record(store, run_id, record, name=next_rebuild_name(store, run_id, "local_areas"))
-        return results, record
-    results = run_local_areas(store, run_id, pool, area_codes)
-    previous = read_record(store, run_id, "local_areas")
-    outputs = dict(previous.outputs) if previous and area_codes is not None else {}
-    outputs.update({f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results})
-    record = _record(store, run_id, "local_areas", config, env,
-                     outputs=dict(sorted(outputs.items())), started_at=started, ended_at=utcnow())
-    write_record(store, run_id, record)
-    return results, record
+    """stream_areas all at once: (every result, the step's record)."""
+    stream, results = stream_areas(store, run_id, pool, env, area_codes), []
+    while True:
+        try:
+            results.append(next(stream))
+        except StopIteration as done:
+            return results, done.value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -44,19 +44,22 @@ class LocalPool:
 
         return fit_weights(package_path, weights_path, log_path, config)
 
-    def map_with_inputs(
+    def iter_with_inputs(
         self,
         task: Callable[[Item, object, Path], Result],
         items: Iterable[Item],
         loader: Callable[..., object],
         loader_args: tuple,
         out_root: Path,
-    ) -> list[Result]:
-        """Run task(item, inputs, out_root) for every item, with inputs = loader(*loader_args) loaded once."""
+    ) -> Iterator[Result]:
+        """task(item, inputs, out_root) for every item, with inputs = loader(*loader_args) loaded once;
+        each result is yielded (in order) as soon as it is done, so the caller can record the first
+        files while the workers build the rest."""
         items = list(items)
         if self.workers == 1:
             inputs = loader(*loader_args)
-            return [task(item, inputs, out_root) for item in items]
+            yield from (task(item, inputs, out_root) for item in items)
+            return
         context = multiprocessing.get_context(self.start_method)
         initializer, initargs = _init_worker, (loader, loader_args)
         if self.start_method == "fork":
@@ -69,6 +72,10 @@ class LocalPool:
             with ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=context, initializer=initializer, initargs=initargs
             ) as pool:
-                return list(pool.map(_call, [task] * len(items), items, [out_root] * len(items), chunksize=chunksize))
+                yield from pool.map(_call, [task] * len(items), items, [out_root] * len(items), chunksize=chunksize)
         finally:
             _worker_state.clear()
+
+    def map_with_inputs(self, *args) -> list:
+        """iter_with_inputs, all at once."""
+        return list(self.iter_with_inputs(*args))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from pipeline_assets.steps.config import FitConfig
 from pipeline_assets.steps.geography import Area
@@ -104,6 +104,10 @@ class ModalCompute:
             raise RuntimeError(f"the remote returned no file for areas {missing}")
         self.last_environments = environments
         return [results[area.code] for area in areas]
+
+    def iter_with_inputs(self, *args) -> Iterator[AreaResult]:
+        """map_with_inputs as an iterator: the remote replies are checked together, then reported."""
+        return iter(self.map_with_inputs(*args))
 
     def fit(self, package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
         """Fit weights on a remote `gpu`; write the weights and calibration log here."""
