@@ -6,6 +6,7 @@ release is.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,27 +23,36 @@ from resources.git import CodeState
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import Lineage, RunState, StepRun
 from resources.runtime import capture
-from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus
+from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus, utcnow
 
 
 
 def start_run(
     store: LocalRunStore, config: RunConfig, code: CodeState, started_at: datetime | None = None
 ) -> RunMeta:
-    """Create the run record (status running) with its pinned SHA and configuration."""
+    """Create the run record (status running) with its pinned SHA and configuration.
+
+    A run_id names its start to the second; a run starting in the same second as another run of the
+    same code (a run that reuses every step takes under a second) waits for the next second.
+    """
     version = package_version()
-    meta = RunMeta(
-        run_id=make_run_id(version, code.sha, started_at),
-        sha=code.sha,
-        branch=code.branch,
-        dirty=code.dirty,
-        diff_sha256=code.diff_sha256,
-        version=version,
-        config=config.model_dump(mode="json"),
-        env_id=env_id(capture()),
-        config_hash=config_hash(config),
-    )
-    return store.create_run(meta)
+    while True:
+        now = started_at or utcnow()
+        meta = RunMeta(
+            run_id=make_run_id(version, code.sha, now),
+            created_at=now,
+            sha=code.sha,
+            branch=code.branch,
+            dirty=code.dirty,
+            diff_sha256=code.diff_sha256,
+            version=version,
+            config=config.model_dump(mode="json"),
+            env_id=env_id(capture()),
+            config_hash=config_hash(config),
+        )
+        if started_at is not None or not store.exists(store.meta_key(meta.run_id)):
+            return store.create_run(meta)
+        time.sleep(1 - now.microsecond / 1e6)
 
 
 def step_inputs(store: LocalRunStore, run_id: str, step: str) -> dict[str, str]:

@@ -65,7 +65,8 @@ def local_areas(
     store = run_store.store()
     run_id = context.partition_key
     meta = store.read_meta(run_id)
-    codes = {AREA_BY_KEY[key].code for key in context.selected_asset_keys}
+    selected = {AREA_BY_KEY[key].code for key in context.selected_asset_keys}
+    codes = None if len(selected) == len(AREA_BY_KEY) else selected  # None: the whole step, reusable by part
     env = runtime.capture()
     pool = compute.pool(meta.sha)
     h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
@@ -77,8 +78,10 @@ def local_areas(
             shared.update(identity_metadata(meta, probe), **worker_environment_metadata(pool, env))
             if probe.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it
                 shared["tro_revision"] = write_tro(store, run_id, signer_from_environment()).name
+        reused = {"reuse": "reused", "reused_from": result.reused_from} if result.reused_from else {}
         return {
             **shared,
+            **reused,
             **file_metadata(h5_root / result.relpath, result.sha256),
             "households": result.households,
             "weight_sum": result.weight_sum,

@@ -4,6 +4,8 @@ Each step of a run leaves runs/{run_id}/steps/{step}.json: its reuse key (step c
 step config, input hashes), the sha256 of every file it wrote, its figures and its environment. A
 later step whose key matches an earlier run's record, and whose files still verify, takes those files
 (hard links: a run's files are never rewritten, so sharing an inode is safe) instead of recomputing.
+A step made of independent parts (the area files: the local areas read the state weights, the
+national file the national weights) also records a key per part, and reuses part by part.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from typing import Callable, Iterable, Iterator
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +32,9 @@ class StepRecord(BaseModel):
     figures: dict[str, float | int] = Field(default_factory=dict)
     reuse: str = "computed"  # computed | reused | rebuilt (a verified backfill of a completed run)
     reused_from: str | None = None
+    part_keys: dict[str, str] = Field(default_factory=dict)  # part -> its reuse key
+    reused_parts: dict[str, str] = Field(default_factory=dict)  # part -> the run it was taken from
+    output_figures: dict[str, dict[str, float | int]] = Field(default_factory=dict)  # output path -> its own figures
     environment: dict = Field(default_factory=dict)
     started_at: datetime | None = None
     ended_at: datetime = Field(default_factory=utcnow)
@@ -77,27 +83,49 @@ def hash_outputs(store: LocalRunStore, run_id: str, relpaths: list[str]) -> dict
     return {rel: sha256_file(store.path(store.run_key(run_id, rel))) for rel in sorted(relpaths)}
 
 
-def verifies(store: LocalRunStore, run_id: str, record: StepRecord) -> bool:
-    for rel, expected in record.outputs.items():
+def files_verify(store: LocalRunStore, run_id: str, outputs: dict[str, str]) -> bool:
+    for rel, expected in outputs.items():
         path = store.path(store.run_key(run_id, rel))
         if not path.is_file() or sha256_file(path) != expected:
             return False
     return True
 
 
+def verifies(store: LocalRunStore, run_id: str, record: StepRecord) -> bool:
+    return files_verify(store, run_id, record.outputs)
+
+
+def _earlier_records(store: LocalRunStore, run_id: str, step: str) -> Iterator[tuple[str, StepRecord]]:
+    """(run_id, record of `step`) of every other run, newest first."""
+    for meta in reversed(store.list_runs()):
+        if meta.run_id != run_id and (record := read_record(store, meta.run_id, step)) is not None:
+            yield meta.run_id, record
+
+
 def find_reusable(store: LocalRunStore, run_id: str, step: str, key: str) -> tuple[str, StepRecord] | None:
     """The newest other run whose record of `step` has this key and whose files still verify."""
-    for meta in reversed(store.list_runs()):
-        if meta.run_id == run_id:
-            continue
-        record = read_record(store, meta.run_id, step)
-        if record is not None and record.reuse_key == key and verifies(store, meta.run_id, record):
-            return meta.run_id, record
+    for source, record in _earlier_records(store, run_id, step):
+        if record.reuse_key == key and verifies(store, source, record):
+            return source, record
     return None
 
 
-def link_outputs(store: LocalRunStore, source_run: str, run_id: str, record: StepRecord) -> None:
-    for rel in record.outputs:
+def find_reusable_part(
+    store: LocalRunStore, run_id: str, step: str, part: str, key: str, in_part: Callable[[str], bool]
+) -> tuple[str, StepRecord, dict[str, str]] | None:
+    """The newest other run whose record of `step` made `part` with this key, with that part's files
+    (path -> sha256, the paths `in_part` accepts), which must all still verify."""
+    for source, record in _earlier_records(store, run_id, step):
+        if record.part_keys.get(part) != key:
+            continue
+        files = {rel: digest for rel, digest in record.outputs.items() if in_part(rel)}
+        if files and all(rel in record.output_figures for rel in files) and files_verify(store, source, files):
+            return source, record, files
+    return None
+
+
+def link_outputs(store: LocalRunStore, source_run: str, run_id: str, relpaths: Iterable[str]) -> None:
+    for rel in relpaths:
         source = store.path(store.run_key(source_run, rel))
         target = store.output_path(run_id, rel)
         if target.exists():

@@ -25,6 +25,7 @@ from pipeline_assets.identity_contract import env_id, hashed_config, step_config
 from pipeline_assets.reuse import (
     StepRecord,
     find_reusable,
+    find_reusable_part,
     hash_outputs,
     link_outputs,
     next_rebuild_name,
@@ -82,6 +83,12 @@ STEP_CONFIG = {
     "calibration_package": ("calibration",),
     "state_weights": ("local_fit",),
     "national_weights": ("national_fit",),
+}
+# The area files are two independent parts, each reused on its own (same code, environment and the
+# inputs it reads): the 488 local areas read the state weights, the national file the national ones.
+AREA_PART_INPUTS = {
+    "local": ("source_datasets", "calibration_package", "state_weights"),
+    "national": ("source_datasets", "calibration_package", "national_weights"),
 }
 STEP_ORDER = (
     "policy_data_db",
@@ -158,7 +165,21 @@ def wanted_areas(area_codes: set[str] | None) -> list:
 
 def area_paths() -> list[str]:
     """The run paths of all 488 area files plus national."""
-    return [f"{H5_ROOT}/{area.relpath}" for area in wanted_areas(None)]
+    return list(AREAS_BY_PATH)
+
+
+AREAS_BY_PATH = {f"{H5_ROOT}/{area.relpath}": area for area in (*geography.areas(), geography.NATIONAL)}
+AREA_FIGURES = ("size_bytes", "households", "weight_sum", "population")
+
+
+def area_part(area: geography.Area) -> str:
+    return "national" if area.kind == "national" else "local"
+
+
+def area_part_of_path(rel: str) -> str | None:
+    """The part of the area step that wrote the run path `rel` (None: not an area file)."""
+    area = AREAS_BY_PATH.get(rel)
+    return area_part(area) if area else None
 
 
 def build_areas(store: LocalRunStore, run_id: str, pool: LocalPool, areas: list, out_root: Path) -> Iterator[AreaResult]:
@@ -276,7 +297,7 @@ def execute_step(
         found = find_reusable(store, run_id, step, probe.reuse_key)
     if found is not None:
         source_run, source = found
-        link_outputs(store, source_run, run_id, source)
+        link_outputs(store, source_run, run_id, source.outputs)
         result = _result_of(store, run_id, source, source_run)
         record = probe.model_copy(update={
             "outputs": source.outputs, "figures": source.figures, "reuse": "reused", "reused_from": source_run,
@@ -301,11 +322,37 @@ def execute_step(
 
 
 def area_probe(store: LocalRunStore, run_id: str, env: RuntimeEnvironment) -> StepRecord:
-    """The area step's identity before its first file: code, environment, inputs, and whether it
-    builds the run's areas (computed) or rebuilds a completed run's (rebuilt)."""
+    """The area step's identity before its first file: code, environment, inputs, the reuse key of
+    each part, and whether it builds the run's areas (computed) or rebuilds a completed run's (rebuilt)."""
     meta = store.read_meta(run_id)
     reuse = "rebuilt" if meta.status in SEALED else "computed"
-    return _record(store, run_id, "local_areas", RunConfig.model_validate(meta.config), env, outputs={}, reuse=reuse)
+    probe = _record(store, run_id, "local_areas", RunConfig.model_validate(meta.config), env, outputs={}, reuse=reuse)
+    probe.part_keys = {
+        part: reuse_key(f"local_areas:{part}", probe.code_version, probe.env_id, probe.config_hash,
+                        {name: probe.inputs[name] for name in inputs})
+        for part, inputs in AREA_PART_INPUTS.items()
+    }
+    return probe
+
+
+def reuse_area_parts(
+    store: LocalRunStore, run_id: str, probe: StepRecord
+) -> Iterator[tuple[str, str, list[AreaResult], dict[str, dict]]]:
+    """(part, source run, its areas' results, their figures by path) of every part of the area step
+    an earlier run made from the same code, environment and inputs, its files linked into this run."""
+    for part, key in probe.part_keys.items():
+        found = find_reusable_part(store, run_id, "local_areas", part, key, lambda rel, part=part: area_part_of_path(rel) == part)
+        if found is None:
+            continue
+        source, record, files = found
+        link_outputs(store, source, run_id, files)
+        figures = {rel: record.output_figures[rel] for rel in files}
+        results = [
+            AreaResult(area=AREAS_BY_PATH[rel].code, kind=AREAS_BY_PATH[rel].kind, relpath=AREAS_BY_PATH[rel].relpath,
+                       sha256=digest, reused_from=source, **figures[rel])
+            for rel, digest in files.items()
+        ]
+        yield part, source, results, figures
 
 
 def stream_areas(
@@ -327,12 +374,33 @@ def stream_areas(
         write_record(store, run_id, record, name=next_rebuild_name(store, run_id, "local_areas"))
         yield from results
         return record
-    previous = read_record(store, run_id, "local_areas")
-    outputs = dict(previous.outputs) if previous and area_codes is not None else {}
-    for result in run_local_areas(store, run_id, pool, area_codes):
-        outputs[f"{H5_ROOT}/{result.relpath}"] = result.sha256
+    previous = read_record(store, run_id, "local_areas") if area_codes is not None else None
+    outputs = dict(previous.outputs) if previous else {}
+    figures = dict(previous.output_figures) if previous else {}
+    reused: dict[str, str] = {}
+    if area_codes is None and RunConfig.model_validate(store.read_meta(run_id).config).reuse:
+        for part, source, results, part_figures in reuse_area_parts(store, run_id, probe):
+            reused[part] = source
+            outputs.update({f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results})
+            figures.update(part_figures)
+            yield from results
+    to_build = {area.code for area in wanted_areas(area_codes) if area_part(area) not in reused}
+    for result in run_local_areas(store, run_id, pool, to_build) if to_build else ():
+        rel = f"{H5_ROOT}/{result.relpath}"
+        outputs[rel] = result.sha256
+        figures[rel] = result.model_dump(include=set(AREA_FIGURES))
         yield result
-    record = probe.model_copy(update={"outputs": dict(sorted(outputs.items())), "started_at": started, "ended_at": utcnow()})
+    sources = set(reused.values())
+    all_reused = not to_build
+    record = probe.model_copy(update={
+        "outputs": dict(sorted(outputs.items())),
+        "output_figures": dict(sorted(figures.items())),
+        "reused_parts": reused,
+        "reuse": "reused" if all_reused else "computed",
+        "reused_from": sources.pop() if all_reused and len(sources) == 1 else None,
+        "started_at": started,
+        "ended_at": utcnow(),
+    })
     write_record(store, run_id, record)
     return record
 

@@ -134,6 +134,7 @@ class TrustedResearchPerformance(Node):
     config_hash: str = Field(alias="pe:configHash")
     reuse: str = Field(alias="pe:reuse")
     reused_from: str | None = Field(None, alias="pe:reusedFrom")
+    reused_parts: str | None = Field(None, alias="pe:reusedParts")  # JSON text, part -> run: a step reused in part
     container_image_digest: str | None = Field(None, alias="pe:containerImageDigest")
     python_version: str | None = Field(None, alias="pe:pythonVersion")
     library_versions: str | None = Field(None, alias="pe:libraryVersions")  # JSON text: names are not IRIs
@@ -236,7 +237,8 @@ def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> T
     versions = env.get("library_versions")
     return TrustedResearchPerformance(
         id=performance_id,
-        comment=f"step {record.step} ({record.reuse}{f' from {record.reused_from}' if record.reused_from else ''})",
+        comment=f"step {record.step} ({record.reuse}{f' from {record.reused_from}' if record.reused_from else ''}"
+                + "".join(f", {part} part reused from {run}" for part, run in sorted(record.reused_parts.items())) + ")",
         started_at=record.started_at or (timing.started_at if timing else None),
         ended_at=record.ended_at,
         accessed=_binding(performance_id, 0, OUTPUTS_ID if STEP_INPUTS[record.step] else INPUTS_ID),
@@ -247,6 +249,7 @@ def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> T
         config_hash=record.config_hash,
         reuse=record.reuse,
         reused_from=record.reused_from,
+        reused_parts=json.dumps(record.reused_parts, sort_keys=True) if record.reused_parts else None,
         container_image_digest=env.get("container_image_digest"),
         python_version=env.get("python_version"),
         library_versions=json.dumps(versions, sort_keys=True) if versions is not None else None,

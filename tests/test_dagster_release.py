@@ -65,6 +65,16 @@ def test_release_job_end_to_end(tmp_path):
         assert ("state_weights", "calibration_error_vs_class_history") in names  # no history yet: passes
         assert len(names) == 12 and all(ev.passed for ev in evaluations)
 
+        # A second run that changes only the national fit: each area's metadata says where its file came from.
+        second = launch_release(store, instance, config_for_scale("tiny", national_fit={"epochs": 40}), CODE,
+                                running_sha=PINNED_SHA).meta
+        assert second.status is RunStatus.completed
+        reused = latest(instance, AssetKey(["districts", "AL_01"]), second.run_id)
+        assert (reused["reuse"].value, reused["reused_from"].value) == ("reused", run_id)
+        assert reused["sha256"].value == area["sha256"].value and reused["households"].value == area["households"].value
+        national = latest(instance, AssetKey("national_h5"), second.run_id)
+        assert national["reuse"].value == "computed" and "reused_from" not in national
+
 
 def test_failing_calibration_check_stops_the_area_files(tmp_path):
     store = LocalRunStore(tmp_path / "store")

@@ -91,3 +91,18 @@ def test_code_state_pins_branch_and_detects_dirty_tree(repo):
 def test_unknown_ref_is_a_clear_error(repo):
     with pytest.raises(GitError, match="no-such-branch"):
         code_state(repo, "no-such-branch")
+
+
+def test_runs_started_in_the_same_second_get_their_own_run_ids(tmp_path):
+    """A run that reuses every step finishes within a second; the next one waits for its own second."""
+    from pipeline_assets.driver import start_run
+    from pipeline_assets.steps.config import config_for_scale
+    from resources.git import CodeState
+    from resources.run_store import LocalRunStore
+
+    store, code = LocalRunStore(tmp_path), CodeState(sha=SHA, branch="main", dirty=False, diff_sha256=None)
+    first = start_run(store, config_for_scale("tiny"), code)
+    second = start_run(store, config_for_scale("tiny"), code)
+    assert first.run_id != second.run_id
+    assert parse_run_id(second.run_id).started_at > parse_run_id(first.run_id).started_at
+    assert [m.run_id for m in store.list_runs()] == [first.run_id, second.run_id]

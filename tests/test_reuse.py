@@ -1,7 +1,9 @@
-"""Step reuse: a fit-settings-only change reuses the database, the datasets and the package."""
+"""Step reuse: a fit-settings-only change reuses the database, the datasets and the package, and the
+area files of the fit it did not change."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from pipeline_assets import stages
 from pipeline_assets.driver import run_release
 from pipeline_assets.reuse import read_record
+from pipeline_assets.tro import TRO_NAME
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
@@ -27,6 +30,21 @@ def three_runs(tmp_path_factory):
     return store, first, refit, forced
 
 
+@pytest.fixture(scope="module")
+def national_refit(three_runs):
+    """A fourth run that changes only the national fit's settings."""
+    store, first, _, _ = three_runs
+    meta, _ = run_release(store, config_for_scale("tiny", national_fit={"epochs": 40}), CODE, running_sha=PINNED_SHA)
+    return meta
+
+
+def area_inode(store, run_id, relpath):
+    return os.stat(store.path(store.run_key(run_id, f"{stages.H5_ROOT}/{relpath}"))).st_ino
+
+
+LOCAL_AREAS = ["states/AL.h5", "districts/AL-01.h5", "cities/NYC.h5"]
+
+
 def inode(store, run_id, name):
     return os.stat(stages.artifact(store, run_id, name)).st_ino
 
@@ -43,6 +61,33 @@ def test_fit_only_change_reuses_upstream_steps(three_runs):
     assert refit.step_timings["national_weights"].reuse == "reused"  # national settings did not change
     assert inode(store, refit.run_id, "state_weights") != inode(store, first.run_id, "state_weights")
     assert refit.step_timings["local_areas"].reuse == "computed"
+    # The area files: the local ones read the new state weights and are built again; the national
+    # file reads the unchanged national weights and is the first run's, linked.
+    areas = read_record(store, refit.run_id, "local_areas")
+    assert areas.reused_parts == {"national": first.run_id}
+    assert area_inode(store, refit.run_id, "national/US.h5") == area_inode(store, first.run_id, "national/US.h5")
+    for relpath in LOCAL_AREAS:
+        assert area_inode(store, refit.run_id, relpath) != area_inode(store, first.run_id, relpath)
+    assert len(areas.outputs) == len(areas.output_figures) == 489
+    tro = json.loads(store.read_bytes(store.run_key(refit.run_id, TRO_NAME)))
+    (performance,) = [node for node in tro["@graph"][0]["trov:hasPerformance"] if node["pe:step"] == "local_areas"]
+    assert json.loads(performance["pe:reusedParts"]) == {"national": first.run_id}
+
+
+def test_national_fit_only_change_reuses_the_488_local_area_files(three_runs, national_refit):
+    store, first, _, forced = three_runs
+    timings = national_refit.step_timings
+    assert (timings["state_weights"].reuse, timings["national_weights"].reuse) == ("reused", "computed")
+    assert timings["local_areas"].reuse == "computed"  # the national file is built; nothing else
+    record, original = read_record(store, national_refit.run_id, "local_areas"), read_record(store, forced.run_id, "local_areas")
+    assert record.reused_parts == {"local": forced.run_id}  # the newest run with the same local part
+    national = f"{stages.H5_ROOT}/national/US.h5"
+    assert {rel: h for rel, h in record.outputs.items() if rel != national} == {
+        rel: h for rel, h in original.outputs.items() if rel != national}
+    assert record.output_figures == original.output_figures | {national: record.output_figures[national]}
+    for relpath in LOCAL_AREAS:
+        assert area_inode(store, national_refit.run_id, relpath) == area_inode(store, forced.run_id, relpath)
+    assert area_inode(store, national_refit.run_id, "national/US.h5") != area_inode(store, forced.run_id, "national/US.h5")
 
 
 def test_first_run_computes_everything(three_runs):
@@ -54,6 +99,7 @@ def test_first_run_computes_everything(three_runs):
 def test_no_reuse_forces_computation(three_runs):
     store, first, _, forced = three_runs
     assert {t.reuse for t in forced.step_timings.values()} == {"computed"}
+    assert read_record(store, forced.run_id, "local_areas").reused_parts == {}
     # Same code, environment, config and seeds: the recomputed bytes equal the first run's.
     for step in UPSTREAM + ("state_weights",):
         assert read_record(store, forced.run_id, step).outputs == read_record(store, first.run_id, step).outputs, step
@@ -77,3 +123,19 @@ def test_tampered_output_is_not_reused(tmp_path):
     second, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
     assert second.step_timings["policy_data_db"].reuse == "computed"
     assert second.step_timings["source_datasets"].reuse == "reused"
+    # The rebuilt database has the original bytes, so every later step, the areas too, is the first run's.
+    assert (second.step_timings["local_areas"].reuse, second.step_timings["local_areas"].reused_from) == ("reused", first.run_id)
+
+
+def test_a_tampered_area_file_is_built_again(tmp_path):
+    store = LocalRunStore(tmp_path)
+    config = config_for_scale("tiny")
+    first, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
+    path = store.path(store.run_key(first.run_id, f"{stages.H5_ROOT}/districts/AL-01.h5"))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    second, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
+    record = read_record(store, second.run_id, "local_areas")
+    assert record.reused_parts == {"national": first.run_id}  # the local part no longer verifies
+    assert record.outputs == read_record(store, first.run_id, "local_areas").outputs  # built again: the original bytes

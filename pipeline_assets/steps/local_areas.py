@@ -45,6 +45,7 @@ class AreaResult(BaseModel):
     households: int
     weight_sum: float
     population: float
+    reused_from: str | None = None  # the run whose identical file this run took instead of building it
 
 
 def load_area_inputs(dataset_path: Path, package_path: Path, local_weights: Path, national_weights: Path) -> AreaInputs:
