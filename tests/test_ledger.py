@@ -101,8 +101,9 @@ def test_a_remote_ledger_is_pushed_after_each_event(store, tmp_path):
 def test_a_failed_run_is_recorded_without_a_tro(store, tmp_path):
     store, _ = store
     ledger = GitLedger.open(str(tmp_path / "ledger"), store.root)
-    with pytest.raises(ValueError):  # the area step cannot start its workers
-        run_release(store, config_for_scale("tiny"), CODE, pool=LocalPool(2, "no-such-start-method"), running_sha=PINNED_SHA, ledger=ledger)
+    with pytest.raises(ValueError):  # new local fit settings, and the area step cannot start its workers
+        run_release(store, config_for_scale("tiny", local_fit={"epochs": 40}), CODE, pool=LocalPool(2, "no-such-start-method"),
+                    running_sha=PINNED_SHA, ledger=ledger)
     run_id = store.list_runs()[-1].run_id
     assert subjects(ledger.work_tree) == [f"run {run_id} failed"]
     assert git(ledger.work_tree, "show", "--name-only", "--format=", "HEAD").split() == [f"runs/{run_id}/meta.json"]

@@ -113,8 +113,8 @@ def test_a_driver_run_reports_every_step(tiny_release):
 def test_a_failing_step_reports_fail_with_its_error(store):
     store, _ = store
     broken = LocalPool(2, "no-such-start-method")  # the area step cannot start its workers
-    with pytest.raises(ValueError):
-        run_release(store, config_for_scale("tiny"), CODE, pool=broken, running_sha=PINNED_SHA)
+    with pytest.raises(ValueError):  # new local fit settings: the local area files must be built
+        run_release(store, config_for_scale("tiny", local_fit={"epochs": 40}), CODE, pool=broken, running_sha=PINNED_SHA)
     run_id = store.list_runs()[-1].run_id
     steps = by_step(events_of(store.path(f"{LINEAGE_DIR}/{run_id}")))
     assert set(steps["local_areas"]) == {"START", "FAIL"}
