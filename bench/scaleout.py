@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         for workers in (1, 2):
             out = Path(tmp) / f"areas_{workers}"
             timings[workers] = median_seconds(
-                lambda: stages.build_areas(store, meta.run_id, LocalPool(workers), areas, out), args.repeats
+                lambda: list(stages.build_areas(store, meta.run_id, LocalPool(workers), areas, out)), args.repeats
             )
     write_result(
         f"scaleout_{args.scale}",
