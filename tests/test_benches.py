@@ -1,0 +1,25 @@
+"""The benches run (at tiny scale, one repeat) and write their results: benches are code too, and a
+change to the step functions can leave one timing nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench.common
+from bench import foundation, scaleout
+
+
+@pytest.mark.parametrize("bench_module, name", [(foundation, "foundation_tiny"), (scaleout, "scaleout_tiny")])
+def test_bench_writes_its_result(bench_module, name, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    bench_module.main(["--scale", "tiny", "--repeats", "1"])
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["code_sha"] and result["machine"]["cores"] >= 1
+    if bench_module is scaleout:
+        assert result["areas"] == 489
+        # building 489 area files takes more than a moment: the bench times the work, not a lazy iterator
+        assert result["one_worker_s"]["median"] > 0.5 and result["two_workers_s"]["median"] > 0.2
+    else:
+        assert result["step_seconds"]["state_weights"] > 0 and result["fit_step_vs_direct_l0"]["ratio"] > 0
