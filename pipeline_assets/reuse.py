@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from pydantic import BaseModel, Field
 
@@ -124,10 +124,14 @@ def find_reusable_part(
     return None
 
 
-def link_outputs(store: LocalRunStore, source_run: str, run_id: str, relpaths: Iterable[str]) -> None:
-    for rel in relpaths:
+def link_outputs(store: LocalRunStore, source_run: str, run_id: str, outputs: dict[str, str]) -> None:
+    """Link the files `outputs` (path -> sha256) of `source_run` into `run_id`. A file the run already
+    has with the same bytes (a resumed run's area file) is kept; one with other bytes is refused."""
+    for rel, digest in outputs.items():
         source = store.path(store.run_key(source_run, rel))
         target = store.output_path(run_id, rel)
         if target.exists():
-            raise RunStoreError(f"cannot reuse {rel} from {source_run}: run {run_id} already has it")
+            if sha256_file(target) == digest:
+                continue
+            raise RunStoreError(f"cannot reuse {rel} from {source_run}: run {run_id} already has other bytes there")
         link_or_copy(source, target)

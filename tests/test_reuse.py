@@ -9,12 +9,12 @@ import os
 import pytest
 
 from pipeline_assets import stages
-from pipeline_assets.driver import run_release
-from pipeline_assets.reuse import read_record
+from pipeline_assets.driver import run_release, start_run
+from pipeline_assets.reuse import link_outputs, read_record
 from pipeline_assets.tro import TRO_NAME
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
-from resources.run_store import LocalRunStore
+from resources.run_store import LocalRunStore, RunStoreError
 from tests.conftest import PINNED_SHA
 
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
@@ -139,3 +139,19 @@ def test_a_tampered_area_file_is_built_again(tmp_path):
     record = read_record(store, second.run_id, "local_areas")
     assert record.reused_parts == {"national": first.run_id}  # the local part no longer verifies
     assert record.outputs == read_record(store, first.run_id, "local_areas").outputs  # built again: the original bytes
+
+
+def test_linking_keeps_a_file_the_run_already_has_with_the_same_bytes(three_runs, tmp_path):
+    """A resumed run may hold some area files already: the same bytes stay, other bytes are refused."""
+    store, first, _, _ = three_runs
+    target = start_run(store, config_for_scale("tiny"), CODE)
+    rel = f"{stages.H5_ROOT}/districts/AL-01.h5"
+    record = read_record(store, first.run_id, "local_areas")
+    same = store.output_path(target.run_id, rel)
+    same.parent.mkdir(parents=True, exist_ok=True)
+    same.write_bytes(store.path(store.run_key(first.run_id, rel)).read_bytes())
+    link_outputs(store, first.run_id, target.run_id, {rel: record.outputs[rel]})
+    assert same.read_bytes() == store.path(store.run_key(first.run_id, rel)).read_bytes()
+    same.write_bytes(b"other")
+    with pytest.raises(RunStoreError, match="already has other bytes"):
+        link_outputs(store, first.run_id, target.run_id, {rel: record.outputs[rel]})
