@@ -163,13 +163,13 @@ def wanted_areas(area_codes: set[str] | None) -> list:
     return wanted if area_codes is None else [area for area in wanted if area.code in area_codes]
 
 
+AREAS_BY_PATH = {f"{H5_ROOT}/{area.relpath}": area for area in wanted_areas(None)}
+AREA_FIGURES = ("size_bytes", "households", "weight_sum", "population")  # kept per file, for reuse
+
+
 def area_paths() -> list[str]:
     """The run paths of all 488 area files plus national."""
     return list(AREAS_BY_PATH)
-
-
-AREAS_BY_PATH = {f"{H5_ROOT}/{area.relpath}": area for area in (*geography.areas(), geography.NATIONAL)}
-AREA_FIGURES = ("size_bytes", "households", "weight_sum", "population")
 
 
 def area_part(area: geography.Area) -> str:
