@@ -39,6 +39,7 @@ def start_step_server() -> None:
     )
     multiprocessing.forkserver.ensure_running()
 
+
 PROMOTE_JOB = "promote"
 
 release_job = define_asset_job(
