@@ -17,7 +17,7 @@ from pipeline_assets.promotion import PromotionFailed
 from resources.git import GitError, code_state
 from resources.publishers import PublishError
 from resources.registry import RegistryError
-from resources.run_store import LocalRunStore, RunMeta, RunStoreError
+from resources.run_store import LocalRunStore, RunMeta, RunStoreError, StepTiming
 
 if TYPE_CHECKING:  # the launcher imports Dagster; commands that need it import it themselves
     from pipeline_assets.launch import LaunchOutcome
@@ -218,6 +218,15 @@ def _duration(meta: RunMeta) -> str:
     return f"{(max(ended) - meta.created_at).total_seconds():.0f}s" if ended else "-"
 
 
+def reuse_summary(timing: StepTiming) -> str:
+    """computed, reused from RUN, or computed with the parts taken from earlier runs."""
+    text = timing.reuse or "-"
+    if timing.reused_from:
+        text += f" from {timing.reused_from}"
+    parts = ", ".join(f"{part} part from {run}" for part, run in sorted(timing.reused_parts.items()))
+    return f"{text} ({parts})" if parts and timing.reuse != "reused" else text
+
+
 def command_status(args: argparse.Namespace) -> int:
     store = LocalRunStore()
     if args.run_id:
@@ -226,10 +235,10 @@ def command_status(args: argparse.Namespace) -> int:
         print(f"{meta.run_id}  {meta.status.value}  sha {meta.sha}  branch {meta.branch or '-'}")
         if meta.error:
             print(f"error in {meta.error.step}: {meta.error.message}")
-        print(f"{'step':<22}{'status':<11}{'started':<21}{'duration':>9}")
+        print(f"{'step':<22}{'status':<11}{'started':<21}{'duration':>9}  reuse")
         for step, t in meta.step_timings.items():
             duration = f"{t.duration_s:.1f}s" if t.duration_s is not None else "-"
-            print(f"{step:<22}{t.status:<11}{t.started_at:%Y-%m-%d %H:%M:%S}  {duration:>9}")
+            print(f"{step:<22}{t.status:<11}{t.started_at:%Y-%m-%d %H:%M:%S}  {duration:>9}  {reuse_summary(t)}")
         return 0
     runs = store.list_runs()
     if not runs:

@@ -102,7 +102,8 @@ def recorded_step(
         lineage.emit(attempt, RunState.FAIL, capture().model_dump(), error=message)
         raise
     record = outcome.record
-    facts = {"env_id": record.env_id, "reuse": record.reuse, "reused_from": record.reused_from}
+    facts = {"env_id": record.env_id, "reuse": record.reuse, "reused_from": record.reused_from,
+             "reused_parts": record.reused_parts}
     store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded", **facts))
     outputs = {str(store.path(store.run_key(run_id, rel))): digest for rel, digest in record.outputs.items()}
     lineage.emit(attempt, RunState.COMPLETE, record.environment, record.env_id, outputs)

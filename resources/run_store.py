@@ -56,6 +56,7 @@ class StepTiming(BaseModel):
     env_id: str | None = None
     reuse: str | None = None  # computed | reused
     reused_from: str | None = None
+    reused_parts: dict[str, str] = Field(default_factory=dict)  # part -> run, for a step reused in part
 
 
 class RunError(BaseModel):
@@ -104,7 +105,7 @@ class RunMeta(BaseModel):
         self.step_timings[step] = StepTiming(started_at=utcnow())
 
     def step_ended(self, step: str, status: str, **facts) -> None:
-        """Close a step's timing; `facts` are its env_id, reuse and reused_from."""
+        """Close a step's timing; `facts` are its env_id, reuse, reused_from and reused_parts."""
         timing = self.step_timings.get(step) or StepTiming(started_at=utcnow())
         timing.ended_at = utcnow()
         timing.duration_s = round((timing.ended_at - timing.started_at).total_seconds(), 3)

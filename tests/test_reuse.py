@@ -155,3 +155,16 @@ def test_linking_keeps_a_file_the_run_already_has_with_the_same_bytes(three_runs
     same.write_bytes(b"other")
     with pytest.raises(RunStoreError, match="already has other bytes"):
         link_outputs(store, first.run_id, target.run_id, {rel: record.outputs[rel]})
+
+
+def test_status_says_what_each_step_reused(three_runs, monkeypatch, capsys):
+    from pipeline_assets.cli import main
+    from resources.run_store import STORE_VARIABLE
+
+    store, first, refit, _ = three_runs
+    monkeypatch.setenv(STORE_VARIABLE, str(store.root))
+    assert main(["status", refit.run_id]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["policy_data_db"].endswith(f"reused from {first.run_id}")
+    assert rows["state_weights"].endswith("computed")
+    assert rows["local_areas"].endswith(f"computed (national part from {first.run_id})")
