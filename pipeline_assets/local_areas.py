@@ -72,9 +72,8 @@ def local_areas(
     h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
     shared: dict = {}
 
-    def metadata(result) -> dict:
+    def metadata(result, probe) -> dict:
         if not shared:  # at the first file: a remote pool knows its workers' environments by then
-            probe = stages.area_probe(store, run_id, env)  # the step's identity, as its record will have it
             shared.update(identity_metadata(meta, probe), **worker_environment_metadata(pool, env))
             if probe.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it
                 shared["tro_revision"] = write_tro(store, run_id, signer_from_environment()).name
@@ -89,11 +88,12 @@ def local_areas(
         }
 
     with recorded_step(store, run_id, "local_areas", code.running_sha(), lineage.lineage(store)) as outcome:
-        stream = stages.stream_areas(store, run_id, pool, env, codes)
+        probe = stages.area_probe(store, run_id, env)  # the step's identity, as its record will have it
+        stream = stages.stream_areas(store, run_id, pool, probe, codes)
         while True:
             try:
                 result = next(stream)
             except StopIteration as done:
                 outcome.record = done.value
                 break
-            yield MaterializeResult(asset_key=KEY_BY_CODE[result.area], metadata=metadata(result))
+            yield MaterializeResult(asset_key=KEY_BY_CODE[result.area], metadata=metadata(result, probe))

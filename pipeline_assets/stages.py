@@ -356,17 +356,16 @@ def reuse_area_parts(
 
 
 def stream_areas(
-    store: LocalRunStore, run_id: str, pool: LocalPool, env: RuntimeEnvironment, area_codes: set[str] | None = None
+    store: LocalRunStore, run_id: str, pool: LocalPool, probe: StepRecord, area_codes: set[str] | None = None
 ) -> Generator[AreaResult, None, StepRecord]:
     """Build the area files, yielding each result as its file is written; return the step's record
-    of every file's hash, written after the last.
+    (its identity is `probe`, from area_probe) of every file's hash, written after the last.
 
     A rebuild of some areas adds to the run's record. A rebuild in a completed run is verified to
     reproduce its files (all of them, before any is reported) and recorded beside the original
     record (steps/local_areas.rebuild-N.json), never over it.
     """
     started = utcnow()
-    probe = area_probe(store, run_id, env)
     if probe.reuse == "rebuilt":
         results = rebuild_sealed_areas(store, run_id, pool, area_codes)
         outputs = {f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results}
@@ -409,7 +408,7 @@ def execute_areas(
     store: LocalRunStore, run_id: str, pool: LocalPool, env: RuntimeEnvironment, area_codes: set[str] | None = None
 ) -> tuple[list[AreaResult], StepRecord]:
     """stream_areas all at once: (every result, the step's record)."""
-    stream, results = stream_areas(store, run_id, pool, env, area_codes), []
+    stream, results = stream_areas(store, run_id, pool, area_probe(store, run_id, env), area_codes), []
     while True:
         try:
             results.append(next(stream))
