@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Callable, Iterator
+from typing import Iterator
 
 from pydantic import BaseModel, Field
 
@@ -111,15 +111,15 @@ def find_reusable(store: LocalRunStore, run_id: str, step: str, key: str) -> tup
 
 
 def find_reusable_part(
-    store: LocalRunStore, run_id: str, step: str, part: str, key: str, in_part: Callable[[str], bool]
+    store: LocalRunStore, run_id: str, step: str, part: str, key: str, paths: list[str]
 ) -> tuple[str, StepRecord, dict[str, str]] | None:
-    """The newest other run whose record of `step` made `part` with this key, with that part's files
-    (path -> sha256, the paths `in_part` accepts), which must all still verify."""
+    """The newest other run whose record of `step` made `part` with this key and holds every one of
+    the part's `paths` (a partial rebuild may not), with their sha256s; its files must still verify."""
     for source, record in _earlier_records(store, run_id, step):
-        if record.part_keys.get(part) != key:
+        if record.part_keys.get(part) != key or not all(rel in record.outputs and rel in record.output_figures for rel in paths):
             continue
-        files = {rel: digest for rel, digest in record.outputs.items() if in_part(rel)}
-        if files and all(rel in record.output_figures for rel in files) and files_verify(store, source, files):
+        files = {rel: record.outputs[rel] for rel in paths}
+        if files_verify(store, source, files):
             return source, record, files
     return None
 

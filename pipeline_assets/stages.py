@@ -176,10 +176,7 @@ def area_part(area: geography.Area) -> str:
     return "national" if area.kind == "national" else "local"
 
 
-def area_part_of_path(rel: str) -> str | None:
-    """The part of the area step that wrote the run path `rel` (None: not an area file)."""
-    area = AREAS_BY_PATH.get(rel)
-    return area_part(area) if area else None
+AREA_PATHS_BY_PART = {part: [rel for rel, area in AREAS_BY_PATH.items() if area_part(area) == part] for part in AREA_PART_INPUTS}
 
 
 def build_areas(store: LocalRunStore, run_id: str, pool: LocalPool, areas: list, out_root: Path) -> Iterator[AreaResult]:
@@ -341,7 +338,7 @@ def reuse_area_parts(
     """(part, source run, its areas' results, their figures by path) of every part of the area step
     an earlier run made from the same code, environment and inputs, its files linked into this run."""
     for part, key in probe.part_keys.items():
-        found = find_reusable_part(store, run_id, "local_areas", part, key, lambda rel, part=part: area_part_of_path(rel) == part)
+        found = find_reusable_part(store, run_id, "local_areas", part, key, AREA_PATHS_BY_PART[part])
         if found is None:
             continue
         source, record, files = found

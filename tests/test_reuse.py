@@ -168,3 +168,18 @@ def test_status_says_what_each_step_reused(three_runs, monkeypatch, capsys):
     assert rows["policy_data_db"].endswith(f"reused from {first.run_id}")
     assert rows["state_weights"].endswith("computed")
     assert rows["local_areas"].endswith(f"computed (national part from {first.run_id})")
+
+
+def test_a_part_is_reused_only_from_a_record_holding_all_its_files(tmp_path):
+    """A record left by a rebuild of some areas may hold part of the local files: not reusable."""
+    store = LocalRunStore(tmp_path)
+    config = config_for_scale("tiny")
+    first, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
+    record = read_record(store, first.run_id, "local_areas")
+    dropped = f"{stages.H5_ROOT}/districts/AL-01.h5"
+    del record.outputs[dropped]
+    store.path(store.run_key(first.run_id, "steps/local_areas.json")).write_text(record.model_dump_json())
+    second, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
+    rebuilt = read_record(store, second.run_id, "local_areas")
+    assert rebuilt.reused_parts == {"national": first.run_id}
+    assert dropped in rebuilt.outputs and len(rebuilt.outputs) == 489
