@@ -77,7 +77,7 @@ def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
     re-verifies every one against the TRO before anything is published)."""
     recorded = {rel: digest for step in stages.STEP_ORDER if (record := read_record(store, run_id, step))
                 for rel, digest in record.outputs.items()}
-    missing = [rel for rel in stages.area_paths() if rel not in recorded or not store.path(store.run_key(run_id, rel)).is_file()]
+    missing = [rel for rel in stages.AREAS_BY_PATH if rel not in recorded or not store.path(store.run_key(run_id, rel)).is_file()]
     if missing:
         raise RunStoreError(f"run {run_id} has {len(missing)} of its area files missing (e.g. {missing[0]}): nothing staged")
     files = {}

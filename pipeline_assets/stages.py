@@ -8,6 +8,7 @@ a run, the order of its steps and the reuse rule are written once.
 from __future__ import annotations
 
 import shutil
+from itertools import chain
 from pathlib import Path
 from typing import Generator, Iterator
 
@@ -165,11 +166,6 @@ def wanted_areas(area_codes: set[str] | None) -> list:
 
 AREAS_BY_PATH = {f"{H5_ROOT}/{area.relpath}": area for area in wanted_areas(None)}
 AREA_FIGURES = ("size_bytes", "households", "weight_sum", "population")  # kept per file, for reuse
-
-
-def area_paths() -> list[str]:
-    """The run paths of all 488 area files plus national."""
-    return list(AREAS_BY_PATH)
 
 
 def area_part(area: geography.Area) -> str:
@@ -333,23 +329,21 @@ def area_probe(store: LocalRunStore, run_id: str, env: RuntimeEnvironment) -> St
 
 
 def reuse_area_parts(
-    store: LocalRunStore, run_id: str, probe: StepRecord
-) -> Iterator[tuple[str, str, list[AreaResult], dict[str, dict]]]:
-    """(part, source run, its areas' results, their figures by path) of every part of the area step
-    an earlier run made from the same code, environment and inputs, its files linked into this run."""
+    store: LocalRunStore, run_id: str, probe: StepRecord, reused: dict[str, str]
+) -> Iterator[AreaResult]:
+    """The results of every part of the area step an earlier run made from the same code,
+    environment and inputs, its files linked into this run; `reused` gets part -> that run."""
     for part, key in probe.part_keys.items():
         found = find_reusable_part(store, run_id, "local_areas", part, key, AREA_PATHS_BY_PART[part])
         if found is None:
             continue
         source, record, files = found
         link_outputs(store, source, run_id, files)
-        figures = {rel: record.output_figures[rel] for rel in files}
-        results = [
-            AreaResult(area=AREAS_BY_PATH[rel].code, kind=AREAS_BY_PATH[rel].kind, relpath=AREAS_BY_PATH[rel].relpath,
-                       sha256=digest, reused_from=source, **figures[rel])
-            for rel, digest in files.items()
-        ]
-        yield part, source, results, figures
+        reused[part] = source
+        for rel, digest in files.items():
+            area = AREAS_BY_PATH[rel]
+            yield AreaResult(area=area.code, kind=area.kind, relpath=area.relpath, sha256=digest,
+                             reused_from=source, **record.output_figures[rel])
 
 
 def stream_areas(
@@ -374,14 +368,15 @@ def stream_areas(
     outputs = dict(previous.outputs) if previous else {}
     figures = dict(previous.output_figures) if previous else {}
     reused: dict[str, str] = {}
-    if area_codes is None and RunConfig.model_validate(store.read_meta(run_id).config).reuse:
-        for part, source, results, part_figures in reuse_area_parts(store, run_id, probe):
-            reused[part] = source
-            outputs.update({f"{H5_ROOT}/{r.relpath}": r.sha256 for r in results})
-            figures.update(part_figures)
-            yield from results
-    to_build = {area.code for area in wanted_areas(area_codes) if area_part(area) not in reused}
-    for result in run_local_areas(store, run_id, pool, to_build) if to_build else ():
+    to_build: set[str] = set()
+
+    def built() -> Iterator[AreaResult]:  # runs once the reused parts are known
+        to_build.update(area.code for area in wanted_areas(area_codes) if area_part(area) not in reused)
+        if to_build:
+            yield from run_local_areas(store, run_id, pool, to_build)
+
+    reusing = area_codes is None and RunConfig.model_validate(store.read_meta(run_id).config).reuse
+    for result in chain(reuse_area_parts(store, run_id, probe, reused) if reusing else (), built()):
         rel = f"{H5_ROOT}/{result.relpath}"
         outputs[rel] = result.sha256
         figures[rel] = result.model_dump(include=set(AREA_FIGURES))
