@@ -13,7 +13,7 @@ import torch
 from l0.calibration import SparseCalibrationWeights
 
 from pipeline_assets.steps.config import FitConfig
-from pipeline_assets.steps.weights import ReproducibleCalibrationWeights, _RowSums, fit_l0, fit_weights
+from pipeline_assets.steps.weights import ReproducibleCalibrationWeights, _RowSums, csr_product, fit_l0, fit_weights
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU here")
 
@@ -36,22 +36,22 @@ def fit(device: str, epochs: int = 300, model_class=ReproducibleCalibrationWeigh
     return fit_l0(matrix, targets, groups, initial, config, model_class=model_class)
 
 
-def csr64(matrix):
-    matrix = matrix.tocsr()
-    return torch.as_tensor(matrix.indptr, dtype=torch.long), torch.as_tensor(matrix.indices, dtype=torch.long), torch.as_tensor(matrix.data)
-
-
-def test_row_sums_give_the_product_and_its_gradient():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_row_sums_give_the_product_and_its_gradient(device):
     matrix = sp.random(30, 50, density=0.1, random_state=1, format="lil")
     matrix[:, 7] = 0  # a column no row reaches: its gradient is zero, not missing
+    matrix[4, :] = 0  # a row with no entries: its sum is zero
     matrix = matrix.tocsr()
-    weights = torch.rand(50, dtype=torch.float64, requires_grad=True)
-    product = _RowSums.apply(weights, csr64(matrix), csr64(matrix.T))
-    np.testing.assert_allclose(product.detach().numpy(), matrix @ weights.detach().numpy(), rtol=1e-12)
-    upstream = torch.rand(30, dtype=torch.float64)
+    on = torch.device(device)
+    weights = torch.rand(50, device=on, requires_grad=True)
+    product = _RowSums.apply(weights, csr_product(matrix, on), csr_product(matrix.T, on))
+    expected = matrix @ weights.detach().cpu().numpy().astype(np.float64)
+    np.testing.assert_allclose(product.detach().cpu().numpy(), expected, rtol=1e-5, atol=1e-7)
+    upstream = torch.rand(30, device=on)
     product.backward(upstream)
-    np.testing.assert_allclose(weights.grad.numpy(), matrix.T @ upstream.numpy(), rtol=1e-12, atol=1e-15)
-    assert weights.grad[7] == 0
+    gradient = weights.grad.cpu().numpy()
+    np.testing.assert_allclose(gradient, matrix.T @ upstream.cpu().numpy().astype(np.float64), rtol=1e-5, atol=1e-7)
+    assert gradient[7] == 0 and product[4] == 0
 
 
 def test_reproducible_model_fits_like_l0_pythons_own():
@@ -66,6 +66,16 @@ def test_cpu_fit_calibrates_and_repeats_bit_for_bit():
     weights = fit("cpu")
     assert mean_rel_error(matrix, targets, weights) < mean_rel_error(matrix, targets, initial) / 2
     assert np.array_equal(weights, fit("cpu"))
+
+
+def test_cpu_fit_gives_the_same_bits_on_any_thread_count():
+    shape = {"rows": 300, "columns": 20_000, "density": 0.01}
+    matrix, targets, groups, initial = problem(**shape)
+    one, two = (
+        fit_l0(matrix, targets, groups, initial, FitConfig(scope="local", epochs=20, threads=threads))
+        for threads in (1, 2)
+    )
+    assert np.array_equal(one, two)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")

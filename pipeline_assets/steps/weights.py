@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,46 +25,55 @@ LOG_COLUMNS = [
 ]
 
 
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
 class _RowSums(torch.autograd.Function):
-    """y = M @ w for a CSR matrix, by a segment sum per row, and the gradient M^T @ g the same way from
-    the transpose's CSR. Each sum adds its terms in one fixed order, so a GPU fit repeats bit for bit:
-    torch's COO product, which l0-python uses, adds with atomics in whatever order the GPU runs them."""
+    """y = M @ w by `product`, and the gradient M^T @ g by `transpose_product` (the transpose's own
+    CSR), so neither direction scatters with atomics: each row's sum is added in one fixed order, and
+    a fit repeats bit for bit on CPU and GPU alike (torch's COO product, which l0-python uses, adds
+    with atomics in whatever order the GPU runs them)."""
 
     @staticmethod
-    def forward(ctx, weights, matrix, transpose):
-        ctx.transpose = transpose
-        return _csr_times(matrix, weights)
+    def forward(ctx, weights, product: Product, transpose_product: Product):
+        ctx.transpose_product = transpose_product
+        return product(weights)
 
     @staticmethod
     def backward(ctx, grad):
-        return _csr_times(ctx.transpose, grad), None, None
+        return ctx.transpose_product(grad), None, None
 
 
-def _csr_times(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], vector: torch.Tensor) -> torch.Tensor:
-    indptr, indices, values = csr
-    return torch.segment_reduce(values * vector[indices], "sum", offsets=indptr, unsafe=True)
+def csr_product(matrix, device: torch.device) -> Product:
+    """vector -> matrix @ vector on `device`, each row summed in one fixed order.
 
-
-def _csr_tensors(matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    On the CPU torch's CSR product (MKL, one row per thread: the same bits for any thread count,
+    ~7x faster than segment sums at reference scale); on a GPU a segment sum per row (cuSPARSE is
+    not promised to add in a fixed order)."""
     matrix = matrix.tocsr()
-    return (
-        torch.as_tensor(matrix.indptr, dtype=torch.long, device=device),
-        torch.as_tensor(matrix.indices, dtype=torch.long, device=device),
-        torch.as_tensor(matrix.data, dtype=torch.float32, device=device),
-    )
+    indptr = torch.as_tensor(matrix.indptr, device=device)
+    indices = torch.as_tensor(matrix.indices, device=device)
+    values = torch.as_tensor(matrix.data, dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            tensor = torch.sparse_csr_tensor(indptr, indices, values, size=matrix.shape, check_invariants=False)
+        return lambda vector: torch.mv(tensor, vector)
+    indptr, indices = indptr.long(), indices.long()
+    return lambda vector: torch.segment_reduce(values * vector[indices], "sum", offsets=indptr, unsafe=True)
 
 
 class ReproducibleCalibrationWeights(SparseCalibrationWeights):
     """l0-python's model with its sparse product done by _RowSums: the same math, the same bits on
     every repeat on CPU and GPU alike."""
 
-    _csr_of = None  # the scipy matrix whose tensors (and its transpose's) are cached in _csr
+    _products_of = None  # the scipy matrix whose products (and its transpose's) are cached in _products
 
     def forward(self, M, deterministic: bool = False) -> torch.Tensor:
-        if self._csr_of is not M:
-            self._csr = (_csr_tensors(M, self.device), _csr_tensors(M.T, self.device))
-            self._csr_of = M
-        return _RowSums.apply(self.get_weights(deterministic=deterministic), *self._csr)
+        if self._products_of is not M:
+            self._products = (csr_product(M, self.device), csr_product(M.T, self.device))
+            self._products_of = M
+        return _RowSums.apply(self.get_weights(deterministic=deterministic), *self._products)
 
 
 def fit_device(config: FitConfig) -> torch.device:
