@@ -56,7 +56,7 @@ def csr_product(matrix, device: torch.device) -> Product:
     values = torch.as_tensor(matrix.data, dtype=torch.float32, device=device)
     if device.type == "cpu":
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            warnings.filterwarnings("ignore", "Sparse (CSR tensor support is in beta|invariant checks are implicitly)")
             tensor = torch.sparse_csr_tensor(indptr, indices, values, size=matrix.shape, check_invariants=False)
         return lambda vector: torch.mv(tensor, vector)
     indptr, indices = indptr.long(), indices.long()
