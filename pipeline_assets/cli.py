@@ -60,6 +60,8 @@ def build_parser() -> OneLineParser:
     run.add_argument("--scale", choices=list(SCALES), default="small")
     run.add_argument("--epochs", type=_int_at_least(1), help="epochs of both fits (default: the scale's)")
     run.add_argument("--workers", type=_int_at_least(1), help="local area workers (default 2)")
+    run.add_argument("--fit-threads", type=_int_at_least(1),
+                     help="CPU threads of each fit (default 1; the two fits run at once, so half the cores each)")
     run.add_argument("--fit-device", choices=["cpu", "cuda"], default="cpu",
                      help="where both fits run: cuda needs a GPU (local, or Modal's with PIPELINE_COMPUTE=modal)")
     database = run.add_mutually_exclusive_group()
@@ -169,6 +171,8 @@ def command_run(args: argparse.Namespace) -> int:
         overrides["areas"] = {"workers": args.workers}
     for fit in ("local_fit", "national_fit"):
         overrides.setdefault(fit, {})["device"] = args.fit_device
+        if args.fit_threads:
+            overrides[fit]["threads"] = args.fit_threads
     config = config_for_scale(args.scale, **overrides)
     refuse_fits_without_their_device(config)
     store = LocalRunStore()

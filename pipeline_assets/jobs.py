@@ -15,7 +15,7 @@ RELEASE_JOB = "release"
 STEP_PRELOAD = [
     "pipeline_assets.definitions",
     "pipeline_assets.steps.weights",
-    "torch._dynamo",  # imported by torch.optim's first step (~1 s): a fit step would pay it
+    "torch._dynamo",  # imported when torch.optim builds an optimizer (~1 s): each fit step would pay it
     "dagster._core.instance.factory",
     "dagster._core.secrets.loader",
     "dagster._core.storage.sqlite_storage",

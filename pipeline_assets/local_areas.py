@@ -1,6 +1,6 @@
 """The 488 local-area files plus national_h5: one subsettable multi-asset step over the worker pool.
 
-Not one Dagster step per area: per-step overhead is about a second here, and run_id x area
+Not one Dagster step per area: each step process costs about half a second here, and run_id x area
 multi-partitions would hit Dagster's partition limits within a few hundred runs.
 """
 

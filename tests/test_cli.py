@@ -7,7 +7,8 @@ import torch
 
 from pipeline_assets.cli import main
 from pipeline_assets.driver import start_run
-from pipeline_assets.steps.config import config_for_scale
+from pipeline_assets.identity_contract import config_hash
+from pipeline_assets.steps.config import RunConfig, config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus
 from tests.conftest import PINNED_SHA
@@ -36,6 +37,7 @@ def one_line_error(capsys) -> str:
         (["run", "--branch", "no-such-branch-anywhere"], "no-such-branch-anywhere"),
         (["run", "--build-database", "--reuse-database"], "not allowed with"),
         (["run", "--fit-device", "gpu"], "invalid choice: 'gpu'"),
+        (["run", "--fit-threads", "0"], "0 must be at least 1"),
         (["frobnicate"], "frobnicate"),
         ([], "required"),
         (["status", "latest"], "malformed run_id 'latest'"),
@@ -106,6 +108,17 @@ def test_a_failing_step_exits_1_and_leaves_meta_failed(store, capsys, monkeypatc
     assert meta.status is RunStatus.failed
     assert meta.error.step == "policy_data_db" and "no completed run" in meta.error.message
     assert "failed" in out and meta.run_id in out
+
+
+def test_resource_sizes_reach_the_run_config_but_not_its_hash(store, capsys, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CODE_SHA", PINNED_SHA)
+    monkeypatch.setattr("pipeline_assets.cli.code_state", lambda repo, ref=None: CodeState(PINNED_SHA, "main", False, None))
+    assert main(["run", "--scale", "tiny", "--reuse-database", "--workers", "3", "--fit-threads", "2"]) == 1  # fails at once
+    (meta,) = store.list_runs()
+    config = RunConfig.model_validate(meta.config)
+    assert config.areas.workers == 3
+    assert config.local_fit.threads == config.national_fit.threads == 2
+    assert meta.config_hash == config_hash(config_for_scale("tiny", build_database=False))
 
 
 def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_kept(tmp_path, monkeypatch):
