@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                 "direct_samples_s": direct_samples,
             },
             # The same fit with l0-python's own SparseCalibrationWeights (its COO sparse product)
-            # instead of ReproducibleCalibrationWeights (segment sums per row).
+            # instead of ReproducibleCalibrationWeights (fixed-order CSR products).
             "l0_python_model_vs_ours": {
                 "l0_python_median_s": stock_median,
                 "l0_python_samples_s": stock_samples,
