@@ -1,7 +1,9 @@
 """Issue 3's bench: the same release through Dagster (the release job, multiprocess executor, on-disk
-SQLite instance) and through the bare driver, in the same process run: the ratio of wall times, and
-the orchestration overhead of each step: Dagster's step time minus the same step's time in the bare
-driver (for the check and staging steps, which the driver does not have, their whole time)."""
+SQLite instance as `usdata-pipeline` creates it) and through the bare driver, in the same process
+run: the ratio of wall times, and the orchestration overhead of each step: Dagster's step time minus
+the same step's time in the bare driver (for the check and staging steps, which the driver does not
+have, their whole time). Each repeat also runs Dagster on its stock SQLite storage, which opens a new
+connection for every read and write, to show what the kept connections save."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from dagster import DagsterEventType, DagsterInstance
 
 from bench.common import bench_parser, pinned_code, timed, write_result
 from pipeline_assets.driver import run_release
-from pipeline_assets.launch import launch_release
+from pipeline_assets.launch import instance_settings, launch_release
 from pipeline_assets.local_areas import AREA_KEYS
 from pipeline_assets.steps.config import config_for_scale
 from resources.run_store import LocalRunStore
@@ -45,31 +48,51 @@ def seconds_to_first_step(instance: DagsterInstance, dagster_run_id: str, launch
     raise ValueError(f"run {dagster_run_id} started no step")
 
 
+def stock_storage_settings(home: Path) -> bytes:
+    """The settings of a new instance, less the storage block: Dagster's default SQLite storage."""
+    settings = yaml.safe_load(instance_settings(home))
+    del settings["storage"]
+    return yaml.safe_dump(settings).encode()
+
+
+def dagster_release(home: Path, store: LocalRunStore, config, code, sha) -> tuple[float, float, dict[str, float]]:
+    """One release through Dagster on the instance at `home`: (wall, launch to first step, step times)."""
+    os.environ["DAGSTER_HOME"] = str(home)
+    with DagsterInstance.get() as instance:
+        launched_at = time.time()
+        seconds, outcome = timed(lambda: launch_release(store, instance, config, code, running_sha=sha))
+        assert outcome.success, outcome.meta.error
+        start = seconds_to_first_step(instance, outcome.dagster_run_id, launched_at)
+        return seconds, start, dagster_step_seconds(instance, outcome.dagster_run_id)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = bench_parser(__doc__, repeats=3).parse_args(argv)
     config = config_for_scale(args.scale)
     sha, code = pinned_code()
-    driver_walls, dagster_walls, overheads, starts = [], [], [], []
+    driver_walls, dagster_walls, stock_walls, overheads, starts = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "dagster_home"
-        home.mkdir()
-        os.environ["DAGSTER_HOME"] = str(home)
+        homes = {"shipped": Path(tmp) / "dagster_home", "stock": Path(tmp) / "stock_home"}
+        for kind, home in homes.items():
+            home.mkdir()
+            (home / "dagster.yaml").write_bytes(instance_settings(home) if kind == "shipped" else stock_storage_settings(home))
         for repeat in range(args.repeats):
             store = LocalRunStore(Path(tmp) / f"driver_{repeat}")
             seconds, (driver_meta, _) = timed(lambda: run_release(store, config, code, running_sha=sha))
             driver_walls.append(seconds)
             work = {name: t.duration_s for name, t in driver_meta.step_timings.items()}
 
-            store = LocalRunStore(Path(tmp) / f"dagster_{repeat}")
-            with DagsterInstance.get() as instance:
-                launched_at = time.time()
-                seconds, outcome = timed(lambda: launch_release(store, instance, config, code, running_sha=sha))
-                assert outcome.success, outcome.meta.error
+            # The first Dagster run of the process also starts the step server: alternate which goes first.
+            for kind in ("shipped", "stock")[:: 1 if repeat % 2 == 0 else -1]:
+                seconds, start, steps = dagster_release(homes[kind], LocalRunStore(Path(tmp) / f"{kind}_{repeat}"),
+                                                        config, code, sha)
+                if kind == "stock":
+                    stock_walls.append(seconds)
+                    continue
                 dagster_walls.append(seconds)
-                steps = dagster_step_seconds(instance, outcome.dagster_run_id)
-                starts.append(seconds_to_first_step(instance, outcome.dagster_run_id, launched_at))
+                starts.append(start)
                 overheads.append({step: round(steps[step] - work.get(step, 0.0), 3) for step in steps})
-    driver, dagster = statistics.median(driver_walls), statistics.median(dagster_walls)
+    driver, dagster, stock = (statistics.median(walls) for walls in (driver_walls, dagster_walls, stock_walls))
     per_step = {step: statistics.median(o[step] for o in overheads) for step in overheads[0]}
     write_result(
         f"orchestration_{args.scale}",
@@ -87,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
             "run_start_s": statistics.median(starts),
             "per_step_overhead_s": per_step,
             "median_step_overhead_s": statistics.median(per_step.values()),
-            "executor": "multiprocess (forkserver, max_concurrent 2); on-disk SQLite instance",
+            "dagster_stock_storage_wall_s": {"median": stock, "samples": stock_walls},
+            "ratio_stock_storage_over_driver": stock / driver,
+            "dagster_overhead_stock_storage_s": stock - driver,
+            "executor": "multiprocess (forkserver, max_concurrent 2); on-disk SQLite instance "
+                        "(pipeline_assets.instance_storage; the stock storage for comparison)",
         },
     )
 

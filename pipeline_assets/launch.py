@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -25,23 +26,32 @@ from resources.run_store import LocalRunStore, RunStoreError, RunMeta, RunStatus
 DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = ".dagster"
 
-# The instance settings a new $DAGSTER_HOME gets (an existing dagster.yaml is never touched).
-DEFAULT_INSTANCE_SETTINGS = b"""# Written by usdata-pipeline for a new instance; edit freely.
+def instance_settings(home: Path) -> bytes:
+    """The settings a new $DAGSTER_HOME gets (an existing dagster.yaml is never touched). The storage's
+    base_dir is written out, as Dagster's default storage records it, because step processes start
+    from a server that may have been started under another $DAGSTER_HOME."""
+    return f"""# Written by usdata-pipeline for a new instance; edit freely.
 python_logs:
   python_log_level: WARNING  # step start-up lines stay in the UI's event log, off the console
 telemetry:
   enabled: false  # no network at run time except to the services you configure
-"""
+storage:  # Dagster's SQLite files and schema, with connections kept open (pipeline_assets/instance_storage.py)
+  custom:
+    module: pipeline_assets.instance_storage
+    class: PooledSqliteStorage
+    config:
+      base_dir: {json.dumps(str(home))}
+""".encode()
 
 
 def dagster_home() -> Path:
-    """$DAGSTER_HOME, defaulting to ./.dagster (created, with DEFAULT_INSTANCE_SETTINGS), exported
+    """$DAGSTER_HOME, defaulting to ./.dagster (created, with `instance_settings`), exported
     so step processes agree."""
     home = Path(os.environ.get(DAGSTER_HOME_VARIABLE) or DEFAULT_DAGSTER_HOME).resolve()
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
     if not settings.exists():
-        write_bytes_atomic(settings, DEFAULT_INSTANCE_SETTINGS)
+        write_bytes_atomic(settings, instance_settings(home))
     os.environ[DAGSTER_HOME_VARIABLE] = str(home)
     return home
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import yaml
 
 from pipeline_assets.driver import run_release
+from pipeline_assets.launch import instance_settings
 from pipeline_assets.promotion import stage_release
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
 
 PINNED_SHA = "a1b2c3d4" + "e" * 32
+
+
+def shipped_storage(home) -> dict:
+    """The instance storage a new $DAGSTER_HOME gets, as instance_for_test(temp_dir=home) overrides."""
+    return {"storage": yaml.safe_load(instance_settings(home))["storage"]}
 pytest_plugins = ["tests.gcs_emulator"]  # the GCS emulator fixtures: gcs_endpoint, gcs_client, gcs_bucket
 
 

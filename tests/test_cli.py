@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,6 +126,7 @@ def test_resource_sizes_reach_the_run_config_but_not_its_hash(store, capsys, mon
 def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_kept(tmp_path, monkeypatch):
     from dagster import DagsterInstance
 
+    from pipeline_assets.instance_storage import PooledSqliteEventLogStorage
     from pipeline_assets.launch import dagster_home
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "new_home"))
@@ -131,6 +134,8 @@ def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_k
     with DagsterInstance.get() as instance:
         assert instance.python_log_level == "WARNING"  # step start-up lines off the console
         assert instance.telemetry_enabled is False  # no network at run time
+        assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)  # Dagster's files, kept open
+        assert Path(instance.event_log_storage.path_for_shard("index")).parent == home / "history" / "runs"
     mine = tmp_path / "own_home"
     mine.mkdir()
     (mine / "dagster.yaml").write_text("telemetry:\n  enabled: true\n")

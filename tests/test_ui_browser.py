@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-from pipeline_assets.launch import launch_release
+from pipeline_assets.launch import instance_settings, launch_release
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
@@ -46,7 +46,6 @@ CHROMIUM_TIMEOUT_S = 90
 VIRTUAL_TIME_BUDGETS_MS = (15_000, 45_000)
 
 # No "join the community" modal over the pages, and no telemetry from a test.
-DAGSTER_YAML = "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)"
@@ -196,7 +195,7 @@ def released(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     home = root / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_bytes(instance_settings(home) + b"nux:\n  enabled: false\n")  # as users get it
     store = LocalRunStore(root / "store")
     env = {"DAGSTER_HOME": str(home), "PIPELINE_STORE": str(store.root), "PIPELINE_CODE_SHA": PINNED_SHA}
     with pytest.MonkeyPatch.context() as patch:
