@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -21,6 +22,13 @@ def _call(task: Callable, item, out_root: Path):
     return task(item, _worker_state["inputs"], out_root)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_start_method() -> str:
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "forkserver"
 
@@ -34,14 +42,21 @@ class LocalPool:
     process and loads the inputs itself, for a parent that must not be forked.
     """
 
-    def __init__(self, workers: int = 2, start_method: str | None = None):
+    def __init__(self, workers: int = 2, start_method: str | None = None, fits_at_once: int = 1):
         self.workers = workers
         self.start_method = start_method or default_start_method()
+        self.fits_at_once = fits_at_once
+
+    def fit_threads(self, config) -> int:
+        """The fit's torch threads: the config's, else an equal share of this machine's cores among
+        the fits that run here at once (a resource size: any count gives the same weights)."""
+        return config.threads or max(1, usable_cores() // self.fits_at_once)
 
     def fit(self, package_path: Path, weights_path: Path, log_path: Path, config):
-        """Fit weights in this process: a fit is one process, its torch threads set by the config."""
+        """Fit weights in this process: a fit is one process, on `fit_threads` torch threads."""
         from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
 
+        config = config.model_copy(update={"threads": self.fit_threads(config)})
         return fit_weights(package_path, weights_path, log_path, config)
 
     def iter_with_inputs(

@@ -14,6 +14,8 @@ from pipeline_assets.steps import geography
 from pipeline_assets.steps.calibration import household_feature, load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.datasets import load_dataset
+from resources.compute import LocalPool, usable_cores
+from resources.dagster_resources import RELEASE_FITS_AT_ONCE, ComputeResource
 from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus, RunStoreError
@@ -58,6 +60,18 @@ def test_matrix_shape_and_unweighted_sums(tiny_release):
 def test_fit_halves_the_mean_relative_error(tiny_release, step):
     figures = tiny_release[2][step].figures
     assert figures["final_mean_rel_abs_error"] <= 0.5 * figures["initial_mean_rel_abs_error"]
+
+
+@pytest.mark.parametrize("step", ["state_weights", "national_weights"])
+def test_the_drivers_fits_run_one_at_a_time_on_every_core(tiny_release, step):
+    assert tiny_release[2][step].figures["threads"] == usable_cores()
+
+
+def test_fits_that_run_at_once_share_the_cores_unless_told():
+    fit = config_for_scale("tiny").local_fit
+    assert LocalPool().fit_threads(fit) == usable_cores()
+    assert ComputeResource().pool().fit_threads(fit) == max(1, usable_cores() // RELEASE_FITS_AT_ONCE)
+    assert ComputeResource().pool().fit_threads(fit.model_copy(update={"threads": 3})) == 3
 
 
 def test_calibration_log_columns(tiny_release):

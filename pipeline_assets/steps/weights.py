@@ -95,7 +95,8 @@ def fit_l0(
     product) is the benches' baseline."""
     device = fit_device(config)
     torch.manual_seed(config.seed)
-    torch.set_num_threads(config.threads)
+    if config.threads:  # else torch's own default: the machine's physical cores
+        torch.set_num_threads(config.threads)
     torch.sparse.check_sparse_tensor_invariants.disable()  # the matrix comes from scipy's CSR: valid
     model = model_class(
         n_features=matrix.shape[1],
@@ -217,5 +218,6 @@ def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: 
             "nonzero_weights": int((weights > 0).sum()),
             "weight_sum": float(weights.sum()),
             "fit_seconds": round(fit_seconds, 3),
+            "threads": torch.get_num_threads(),  # the CPU threads it ran on (not part of its identity)
         },
     )
