@@ -78,32 +78,43 @@ def steps_of(meta: RunMeta) -> dict:
 
 def refit_rerun(args) -> dict:
     """A full run, then a run that changes only the local (state) fit's settings, then one that changes
-    only the national fit's: each re-run against the full run."""
+    only the national fit's, each re-run against the full run; `args.rerun_repeats` times, each in a
+    new store, and the medians."""
     sha, _code = pinned_code()
     base = run_config(args)
     local = run_config(args, local_fit={"lambda_l0": base.local_fit.lambda_l0 * 2})
     national = run_config(args, national_fit={"lambda_l0": base.national_fit.lambda_l0 * 2})
-    with tempfile.TemporaryDirectory() as tmp:
-        full, full_meta = release_in_fresh_process(tmp, base, sha)
-        local_rerun, local_meta = release_in_fresh_process(tmp, local, sha)
-        national_rerun, national_meta = release_in_fresh_process(tmp, national, sha)
+    samples: dict[str, list[float]] = {"full": [], "local": [], "national": []}
+    last: dict[str, RunMeta] = {}
+    for _ in range(args.rerun_repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, config in (("full", base), ("local", local), ("national", national)):
+                seconds, last[kind] = release_in_fresh_process(tmp, config, sha)
+                samples[kind].append(seconds)
+    full, local_rerun, national_rerun = (statistics.median(samples[kind]) for kind in ("full", "local", "national"))
     return {
         "area_workers": base.areas.workers,
+        "repeats": args.rerun_repeats,
         "full_run_s": full,
         "fit_settings_rerun_s": local_rerun,
         "ratio": local_rerun / full,
         "national_fit_settings_rerun_s": national_rerun,
         "national_ratio": national_rerun / full,
+        "samples_s": samples,
+        "ratio_samples": [rerun / whole for rerun, whole in zip(samples["local"], samples["full"])],
+        "national_ratio_samples": [rerun / whole for rerun, whole in zip(samples["national"], samples["full"])],
         "goal_ratio": 0.35,
-        "full_run_steps_s": {step: t.duration_s for step, t in full_meta.step_timings.items()},
-        "rerun_steps": steps_of(local_meta),
-        "national_rerun_steps": steps_of(national_meta),
+        # the steps of the last repeat
+        "full_run_steps_s": {step: t.duration_s for step, t in last["full"].step_timings.items()},
+        "rerun_steps": steps_of(last["local"]),
+        "national_rerun_steps": steps_of(last["national"]),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = add_run_options(bench_parser(__doc__, repeats=5))
     parser.add_argument("--hash-mb", type=int, default=256, help="size of each of the three hashed files")
+    parser.add_argument("--rerun-repeats", type=int, default=3, help="full run + the two re-runs, this many times")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         hashed = hashing(Path(tmp), args.hash_mb, args.repeats)
