@@ -4,14 +4,15 @@ Dagster's SQLite run and event-log storages build a new SQLAlchemy engine and op
 connection for every read and write, and SQLite re-reads the schema on each new connection: about
 6 of the 8 ms that storing one materialization costs on this kind of machine. A release stores about
 1,500 such events (a planned event, an output and a materialization for each of its 489 area
-assets) and asks the run storage about the run_id partition twice per output. This storage keeps one
-idle connection per database file instead. The files, schema, journal modes and locking are
+assets) and looks up the run_id partition in the event log's index twice per output. This storage
+keeps one idle connection per database file instead. The files, schema, journal modes and locking are
 Dagster's own, so an instance can switch to it or back at any time (`storage: custom:` in
 dagster.yaml, which `usdata-pipeline` writes for a new $DAGSTER_HOME).
 
-A kept connection must never keep a lock: SQLite holds a read lock for as long as any statement is
-unfinished, even past a rollback, and a read lock on a run's event file would stall the other step
-processes' writes. So every cursor a connection opened is closed when it goes back to the pool.
+A kept connection must never keep a read snapshot: SQLite holds one for as long as any statement is
+unfinished, even past a rollback, and in WAL mode (Dagster's) that stops every checkpoint from
+finishing, so the log grows and the run's file, which the UI watches, stops changing. So every
+cursor a connection opened is closed when it goes back to the pool.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
 
 
 class PooledSqliteRunStorage(SqliteRunStorage):
-    """Dagster's SQLite run storage (runs, dynamic partitions), keeping its connection open."""
+    """Dagster's SQLite run storage (runs, their tags and status), keeping its connection open."""
 
     def __init__(self, conn_string: str, inst_data=None):
         self._engines = _Engines()
@@ -210,7 +211,7 @@ class PooledSqliteStorage(DagsterSqliteStorage):
         self._event_log_storage = PooledSqliteEventLogStorage(_event_logs_directory(base_dir))
         self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
         self._inst_data = inst_data
-        super(DagsterSqliteStorage, self).__init__()
+        super(DagsterSqliteStorage, self).__init__()  # DagsterStorage's set-up: the parent's opens the stock storages
 
     @classmethod
     def config_type(cls):
