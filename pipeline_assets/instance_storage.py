@@ -47,9 +47,10 @@ KEPT_DATABASES = 16
 _OPEN_CURSORS = "usdata_open_cursors"
 
 
-def _file_identity(path: str) -> tuple[int, int] | None:
+def _file_identity(url: str) -> tuple[int, int] | None:
+    """(device, inode) of the database file at `url`; None while there is no file."""
     try:
-        stat = os.stat(path)
+        stat = os.stat(make_url(url).database)
     except FileNotFoundError:
         return None
     return stat.st_dev, stat.st_ino
@@ -57,7 +58,7 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 
 def _pooled_engine(url: str, checkpoint_each_commit: bool) -> Engine:
     """One kept connection (more only while nested uses overlap), whose cursors are all closed when
-    it is returned, so that no unfinished statement keeps SQLite's read lock. Dagster's databases
+    it is returned, so that no unfinished statement keeps a read snapshot. Dagster's databases
     are in WAL mode; with `checkpoint_each_commit` each commit reaches the database file itself, as
     it does when Dagster closes its connection, because Dagster watches a run's file (not its WAL)
     to stream the run's events to the UI."""
@@ -87,6 +88,12 @@ def _pooled_engine(url: str, checkpoint_each_commit: bool) -> Engine:
     return engine
 
 
+def _release(engine: Engine, pid: int) -> None:
+    """Drop an engine's connections: closed in the process that opened them, only forgotten in a
+    forked child (closing there would disturb the parent's)."""
+    engine.dispose(close=pid == os.getpid())
+
+
 class _Engines:
     """Engines by database URL, least recently used first. An engine is replaced when its file was
     replaced or removed (a wipe, here or in another process) and after a fork (a child must not
@@ -98,7 +105,7 @@ class _Engines:
 
     def get(self, url: str, checkpoint_each_commit: bool = False) -> tuple[Engine, bool]:
         """The engine for `url`, and whether it is new (its database may need creating)."""
-        identity = _file_identity(make_url(url).database)
+        identity = _file_identity(url)
         with self._lock:
             kept = self._engines.pop(url, None)
             if kept is not None:
@@ -106,12 +113,12 @@ class _Engines:
                 if kept_identity == identity and identity is not None and pid == os.getpid():
                     self._engines[url] = kept
                     return engine, False
-                engine.dispose(close=pid == os.getpid())
+                _release(engine, pid)
             engine = _pooled_engine(url, checkpoint_each_commit)
             self._engines[url] = (engine, identity, os.getpid())
             while len(self._engines) > KEPT_DATABASES:
                 _, (old, _, pid) = self._engines.popitem(last=False)
-                old.dispose(close=pid == os.getpid())
+                _release(old, pid)
             return engine, True
 
     def note_created(self, url: str) -> None:
@@ -119,12 +126,12 @@ class _Engines:
         with self._lock:
             if url in self._engines:
                 engine, _, pid = self._engines[url]
-                self._engines[url] = (engine, _file_identity(make_url(url).database), pid)
+                self._engines[url] = (engine, _file_identity(url), pid)
 
     def dispose(self) -> None:
         with self._lock:
             for engine, _, pid in self._engines.values():
-                engine.dispose(close=pid == os.getpid())
+                _release(engine, pid)
             self._engines.clear()
 
 
