@@ -14,6 +14,7 @@ from pipeline_assets.steps import geography
 from pipeline_assets.steps.calibration import household_feature, load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.datasets import load_dataset
+from pipeline_assets.steps.local_areas import MemberRows
 from resources.compute import LocalPool, usable_cores
 from resources.dagster_resources import RELEASE_FITS_AT_ONCE, ComputeResource
 from resources.files import sha256_file
@@ -124,6 +125,30 @@ def test_area_file_holds_households_people_and_weights(tiny_release):
         assert len(weights) == result.households and weights.sum() == pytest.approx(result.weight_sum)
         assert set(h5["household/state"][()].astype(str)) == {"AL"}
         assert set(h5["person/household_id"][()]) <= set(h5["household/household_id"][()])
+
+
+def test_each_clone_in_an_area_file_carries_its_source_households_members(tiny_release):
+    store, meta, _ = tiny_release
+    data = load_dataset(stages.artifact(store, meta.run_id, "source_datasets"))
+    with h5py.File(store.path(store.run_key(meta.run_id, f"{stages.H5_ROOT}/states/CA.h5"))) as h5:
+        clones, sources = h5["household/household_id"][()], h5["household/source_household_id"][()]
+        assert len(clones) > 0
+        for group, table, key in (("person", data.persons, "person_id"), ("tax_unit", data.tax_units, "tax_unit_id")):
+            rows = [table[table["household_id"] == source] for source in sources]
+            assert list(h5[f"{group}/{key}"][()]) == [k for part in rows for k in part[key]]
+            assert list(h5[f"{group}/household_id"][()]) == [c for c, part in zip(clones, rows) for _ in range(len(part))]
+            assert list(h5[f"{group}/source_household_id"][()]) == [s for s, part in zip(sources, rows) for _ in range(len(part))]
+
+
+def test_member_rows_follow_the_chosen_households_in_table_order():
+    """Members listed out of household order, a household without members, a household chosen twice."""
+    member_households = np.array([30, 10, 30, 20, 10, 30])
+    where = MemberRows.index(member_households, household_ids=np.array([10, 20, 30, 40]))
+    rows, counts = where.rows(np.array([2, 3, 0, 2]))
+    assert list(rows) == [0, 2, 5, 1, 4, 0, 2, 5]
+    assert list(counts) == [3, 0, 2, 3]
+    empty_rows, empty_counts = where.rows(np.array([], dtype=int))
+    assert len(empty_rows) == 0 and len(empty_counts) == 0
 
 
 def test_diagnostics_validate_every_area_with_targets(tiny_release):
