@@ -17,7 +17,7 @@ VALIDATION_COLUMNS = ["area", "level", "variable", "stratum", "target", "estimat
 
 def validate_areas(package_path: Path, local_weights: Path, national_weights: Path) -> pd.DataFrame:
     """Each area's targets against its weighted estimate (local weights for states and districts)."""
-    package = load_calibration_package(package_path)
+    package = load_calibration_package(package_path, column_names=[])
     targets = package.targets
     estimate = np.where(
         targets["level"].to_numpy() == "national",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import h5py
 import numpy as np
@@ -29,9 +30,13 @@ def write_frame(group: h5py.Group, frame: pd.DataFrame) -> None:
     write_columns(group, {name: frame[name].to_numpy() for name in frame.columns})
 
 
-def read_frame(group: h5py.Group) -> pd.DataFrame:
+def read_frame(group: h5py.Group, names: Iterable[str] | None = None) -> pd.DataFrame:
+    """The group's columns (only `names` where given, in the group's order), strings decoded."""
+    wanted = None if names is None else set(names)
     columns = {}
     for name, dataset in group.items():
+        if wanted is not None and name not in wanted:
+            continue
         values = dataset[()]
         columns[name] = values.astype(str) if values.dtype.kind == "S" else values
     return pd.DataFrame(columns)

@@ -180,7 +180,7 @@ def fit_problem(package: CalibrationPackage, scope: str) -> FitProblem:
 def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
     """Fit weights over every clone against the scope's reachable targets; log before and after."""
     fit_device(config)
-    problem = fit_problem(load_calibration_package(package_path), config.scope)
+    problem = fit_problem(load_calibration_package(package_path, column_names=["base_weight"]), config.scope)
     matrix, target_values, groups, initial = problem.matrix, problem.values, problem.groups, problem.initial
 
     started = time.perf_counter()
