@@ -114,7 +114,7 @@ def refit_rerun(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = add_run_options(bench_parser(__doc__, repeats=5))
     parser.add_argument("--hash-mb", type=int, default=256, help="size of each of the three hashed files")
-    parser.add_argument("--rerun-repeats", type=int, default=3, help="full run + the two re-runs, this many times")
+    parser.add_argument("--rerun-repeats", type=int, default=5, help="full run + the two re-runs, this many times")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         hashed = hashing(Path(tmp), args.hash_mb, args.repeats)
