@@ -8,7 +8,7 @@ import json
 import pytest
 
 import bench.common
-from bench import foundation, scaleout
+from bench import foundation, orchestration, scaleout
 
 
 @pytest.mark.parametrize("bench_module, name", [(foundation, "foundation_tiny"), (scaleout, "scaleout_tiny")])
@@ -23,3 +23,13 @@ def test_bench_writes_its_result(bench_module, name, tmp_path, monkeypatch):
         assert result["one_worker_s"]["median"] > 0.5 and result["two_workers_s"]["median"] > 0.2
     else:
         assert result["step_seconds"]["state_weights"] > 0 and result["fit_step_vs_direct_l0"]["ratio"] > 0
+
+
+def test_orchestration_bench_times_both_paths_without_the_stock_storage_when_told(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))  # the bench points it at its own homes
+    orchestration.main(["--scale", "tiny", "--repeats", "1", "--no-stock-storage"])
+    result = json.loads((tmp_path / "orchestration_tiny.json").read_text())
+    assert result["bare_driver_wall_s"]["median"] > 0 and result["dagster_wall_s"]["median"] > 0
+    assert result["ratio_dagster_over_driver"] == result["dagster_wall_s"]["median"] / result["bare_driver_wall_s"]["median"]
+    assert "local_areas" in result["per_step_overhead_s"] and "dagster_stock_storage_wall_s" not in result
