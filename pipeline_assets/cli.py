@@ -61,8 +61,8 @@ def build_parser() -> OneLineParser:
     run.add_argument("--epochs", type=_int_at_least(1), help="epochs of both fits (default: the scale's)")
     run.add_argument("--workers", type=_int_at_least(1), help="local area workers (default 2)")
     run.add_argument("--fit-threads", type=_int_at_least(1),
-                     help="CPU threads of each fit (default: the cores shared among the fits that run at once: "
-                          "half each here, as the release job runs both fits at once)")
+                     help="CPU threads of each fit (default: the cores divided among the fits running at the "
+                          "moment, as the release job runs both fits at once)")
     run.add_argument("--fit-device", choices=["cpu", "cuda"], default="cpu",
                      help="where both fits run: cuda needs a GPU (local, or Modal's with PIPELINE_COMPUTE=modal)")
     database = run.add_mutually_exclusive_group()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -33,6 +35,54 @@ def default_start_method() -> str:
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "forkserver"
 
 
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class CoreShare:
+    """This machine's cores, divided among the fits running on it at the moment.
+
+    Each fit is a file named by its process id in one directory and asks, every few epochs, for its
+    share: when the national fit ends, the state fit still running takes its cores (at production's
+    column count it otherwise ran a minute on one core with the other idle). Changing a fit's
+    threads changes none of its bits (its products and sums come out the same on any thread count).
+    """
+
+    def __init__(self, directory: Path | None = None, cores: int | None = None):
+        # one directory per user: another user's fits could not add their files to it
+        user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+        self.directory = directory or Path(tempfile.gettempdir()) / f"usdata-pipeline-fits-{user}"
+        self.cores = cores or usable_cores()
+
+    @contextmanager
+    def joined(self) -> Iterator[Callable[[], int]]:
+        """Count this process among the fits while the block runs; yields `share`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        mine = self.directory / str(os.getpid())
+        mine.touch()
+        try:
+            yield self.share
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def share(self) -> int:
+        """The cores divided among the fits running now (at least one); a fit's file whose process
+        has gone (killed before it could remove it) is removed here."""
+        running = 0
+        for entry in self.directory.iterdir():
+            if entry.name.isdigit() and _process_running(int(entry.name)):
+                running += 1
+            else:
+                entry.unlink(missing_ok=True)
+        return max(1, self.cores // max(1, running))
+
+
 class LocalPool:
     """A pool of local worker processes.
 
@@ -42,22 +92,20 @@ class LocalPool:
     process and loads the inputs itself, for a parent that must not be forked.
     """
 
-    def __init__(self, workers: int = 2, start_method: str | None = None, fits_at_once: int = 1):
+    def __init__(self, workers: int = 2, start_method: str | None = None, cores: CoreShare | None = None):
         self.workers = workers
         self.start_method = start_method or default_start_method()
-        self.fits_at_once = fits_at_once
-
-    def fit_threads(self, config) -> int:
-        """The fit's torch threads: the config's, else an equal share of this machine's cores among
-        the fits that run here at once (a resource size: any count gives the same weights)."""
-        return config.threads or max(1, usable_cores() // self.fits_at_once)
+        self.cores = cores or CoreShare()
 
     def fit(self, package_path: Path, weights_path: Path, log_path: Path, config):
-        """Fit weights in this process: a fit is one process, on `fit_threads` torch threads."""
+        """Fit weights in this process: a fit is one process, on the config's torch threads, else on
+        its share of the cores among the fits running here, re-divided while it runs."""
         from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
 
-        config = config.model_copy(update={"threads": self.fit_threads(config)})
-        return fit_weights(package_path, weights_path, log_path, config)
+        if config.threads:
+            return fit_weights(package_path, weights_path, log_path, config)
+        with self.cores.joined() as share:
+            return fit_weights(package_path, weights_path, log_path, config, cores=share)
 
     def iter_with_inputs(
         self,

@@ -29,11 +29,6 @@ class CodeResource(ConfigurableResource):
         return self.sha or running_code_sha()
 
 
-# The release job runs the state and the national fit at the same time (its executor runs two steps
-# at once), so by default each local fit takes half the cores.
-RELEASE_FITS_AT_ONCE = 2
-
-
 class ComputeResource(ConfigurableResource):
     """Where the fanned-out work runs: `local` (a process pool of `workers`, the default) or `modal`
     (the deployed app: `workers` parallel calls; the fit's GPU type is `gpu`)."""
@@ -50,7 +45,7 @@ class ComputeResource(ConfigurableResource):
             return ModalCompute(workers=self.workers, gpu=self.gpu, pinned_sha=pinned_sha)
         if self.backend != "local":
             raise ValueError(f"unknown compute backend {self.backend!r}: expected 'local' or 'modal'")
-        return LocalPool(self.workers, self.start_method, fits_at_once=RELEASE_FITS_AT_ONCE)
+        return LocalPool(self.workers, self.start_method)
 
 
 class RuntimeResource(ConfigurableResource):

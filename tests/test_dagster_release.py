@@ -11,7 +11,6 @@ from pipeline_assets.launch import job_run_config, launch_release
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import config_for_scale
 from resources.compute import usable_cores
-from resources.dagster_resources import RELEASE_FITS_AT_ONCE
 from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus
@@ -55,7 +54,7 @@ def test_release_job_end_to_end(tmp_path):
         for figure in ("initial_mean_rel_abs_error", "final_mean_rel_abs_error", "final_loss"):
             assert isinstance(fit[figure].value, float)
         assert isinstance(fit["targets"].value, int)
-        assert fit["threads"].value == max(1, usable_cores() // RELEASE_FITS_AT_ONCE)  # the two fits run at once
+        assert 1 <= fit["threads"].value <= usable_cores()  # the two fits run at once: a share, then all
         area = latest(instance, AssetKey(["districts", "AL_01"]), run_id)
         assert area["households"].value > 0 and isinstance(area["weight_sum"].value, float)
 

@@ -78,6 +78,21 @@ def test_cpu_fit_gives_the_same_bits_on_any_thread_count():
     assert np.array_equal(one, two)
 
 
+def test_cpu_fit_whose_share_of_the_cores_changes_as_it_runs_gives_the_same_bits():
+    matrix, targets, groups, initial = problem(rows=300, columns=20_000, density=0.01)
+    config = FitConfig(scope="local", epochs=40)
+    shares, seen = iter([1, 2, 1, 1, 2]), []
+
+    def share() -> int:
+        seen.append(next(shares))
+        return seen[-1]
+
+    changing = fit_l0(matrix, targets, groups, initial, config, cores=share)
+    assert seen == [1, 2, 1, 1, 2]  # at the start, then every REBALANCE_EPOCHS (10) epochs
+    assert torch.get_num_threads() == 2
+    assert np.array_equal(changing, fit_l0(matrix, targets, groups, initial, config.model_copy(update={"threads": 1})))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path):
     weights, log = tmp_path / "weights.npy", tmp_path / "log.csv"

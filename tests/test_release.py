@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -15,8 +19,8 @@ from pipeline_assets.steps.calibration import household_feature, load_calibratio
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.datasets import load_dataset
 from pipeline_assets.steps.local_areas import MemberRows
-from resources.compute import LocalPool, usable_cores
-from resources.dagster_resources import RELEASE_FITS_AT_ONCE, ComputeResource
+from pipeline_assets.steps import weights as weights_step
+from resources.compute import CoreShare, LocalPool, usable_cores
 from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus, RunStoreError
@@ -68,11 +72,29 @@ def test_the_drivers_fits_run_one_at_a_time_on_every_core(tiny_release, step):
     assert tiny_release[2][step].figures["threads"] == usable_cores()
 
 
-def test_fits_that_run_at_once_share_the_cores_unless_told():
+def test_the_cores_are_divided_among_the_fits_running_at_the_moment(tmp_path):
+    share = CoreShare(tmp_path / "fits", cores=4)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    with share.joined() as current:
+        assert current() == 4
+        (share.directory / str(os.getppid())).touch()  # another fit, running
+        (share.directory / gone.stdout.strip()).touch()  # a fit killed before it could leave
+        assert current() == 2
+        assert not (share.directory / gone.stdout.strip()).exists()
+        (share.directory / str(os.getppid())).unlink()  # the other fit ends: this one takes its cores
+        assert current() == 4
+    assert list(share.directory.iterdir()) == []
+
+
+def test_a_fit_follows_its_share_and_an_explicit_thread_count_wins(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(weights_step, "fit_weights", lambda *args, cores=None: asked.append((args[3].threads, cores)))
+    pool = LocalPool(cores=CoreShare(tmp_path / "fits", cores=4))
     fit = config_for_scale("tiny").local_fit
-    assert LocalPool().fit_threads(fit) == usable_cores()
-    assert ComputeResource().pool().fit_threads(fit) == max(1, usable_cores() // RELEASE_FITS_AT_ONCE)
-    assert ComputeResource().pool().fit_threads(fit.model_copy(update={"threads": 3})) == 3
+    pool.fit(tmp_path / "p.h5", tmp_path / "w.npy", tmp_path / "log.csv", fit)
+    pool.fit(tmp_path / "p.h5", tmp_path / "w.npy", tmp_path / "log.csv", fit.model_copy(update={"threads": 3}))
+    (threads, share), (explicit, none) = asked
+    assert threads is None and share() == 4 and explicit == 3 and none is None
 
 
 def test_calibration_log_columns(tiny_release):
@@ -149,6 +171,8 @@ def test_member_rows_follow_the_chosen_households_in_table_order():
     assert list(counts) == [3, 0, 2, 3]
     empty_rows, empty_counts = where.rows(np.array([], dtype=int))
     assert len(empty_rows) == 0 and len(empty_counts) == 0
+    with pytest.raises(ValueError, match="household_id 99: expected a household_id of the households table"):
+        MemberRows.index(np.array([10, 99]), household_ids=np.array([10, 20]))
 
 
 def test_diagnostics_validate_every_area_with_targets(tiny_release):

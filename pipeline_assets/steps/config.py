@@ -48,8 +48,8 @@ class FitConfig(StepConfig):
     learning_rate: float = Field(0.15, gt=0)
     init_keep_prob: float = Field(0.9, gt=0, lt=1)
     seed: int = 0
-    # CPU threads; None: the compute resource's share of the cores where the fit runs (all of them in
-    # the bare driver or a Modal container, half each where the release job runs both fits at once).
+    # CPU threads; None: the compute resource's share of the cores where the fit runs, divided among
+    # the fits running there at the moment (all of them in the bare driver or a Modal container).
     threads: int | None = Field(None, ge=1)
     # Where the fit's tensors live: "cuda" needs a GPU where the fit runs (Modal's fit_remote, or a
     # local one). Hashed into config_hash: a GPU fit draws other random numbers and sums in another

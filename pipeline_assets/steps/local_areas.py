@@ -44,6 +44,9 @@ class MemberRows:
     @classmethod
     def index(cls, member_household_ids: np.ndarray, household_ids: np.ndarray) -> "MemberRows":
         owner = pd.Index(household_ids).get_indexer(member_household_ids)
+        if (owner < 0).any():
+            missing = member_household_ids[owner < 0][0]
+            raise ValueError(f"member row with household_id {missing}: expected a household_id of the households table")
         counts = np.bincount(owner, minlength=len(household_ids))
         return cls(order=np.argsort(owner, kind="stable"), starts=np.cumsum(counts) - counts, counts=counts)
 

@@ -63,13 +63,24 @@ def csr_product(matrix, device: torch.device) -> Product:
     return lambda vector: torch.segment_reduce(values * vector[indices], "sum", offsets=indptr, unsafe=True)
 
 
+REBALANCE_EPOCHS = 10  # how often a fit with a share of the cores asks for its share again
+
+
 class ReproducibleCalibrationWeights(SparseCalibrationWeights):
     """l0-python's model with its sparse product done by _RowSums: the same math, the same bits on
-    every repeat on CPU and GPU alike."""
+    every repeat on CPU and GPU alike; and, where it has a share of the machine's cores
+    (`cores`), one that follows that share as other fits start and end."""
 
     _products_of = None  # the scipy matrix whose products (and its transpose's) are cached in _products
+    cores: Callable[[], int] | None = None
+    _epochs = 0
 
     def forward(self, M, deterministic: bool = False) -> torch.Tensor:
+        if self.cores is not None and self._epochs % REBALANCE_EPOCHS == 0:  # between epochs: no op is running
+            share = self.cores()
+            if share != torch.get_num_threads():
+                torch.set_num_threads(share)
+        self._epochs += 1
         if self._products_of is not M:
             self._products = (csr_product(M, self.device), csr_product(M.T, self.device))
             self._products_of = M
@@ -87,16 +98,24 @@ def fit_device(config: FitConfig) -> torch.device:
 
 
 def fit_l0(
-    matrix, target_values, groups, init_weights, config: FitConfig, model_class=ReproducibleCalibrationWeights
+    matrix,
+    target_values,
+    groups,
+    init_weights,
+    config: FitConfig,
+    model_class=ReproducibleCalibrationWeights,
+    cores: Callable[[], int] | None = None,
 ) -> np.ndarray:
     """Run the L0 calibration model once over all epochs; return the deterministic weights.
 
-    `model_class` is ReproducibleCalibrationWeights; l0-python's own SparseCalibrationWeights (its COO
-    product) is the benches' baseline."""
+    Threads: the config's, else `cores()` (the fit's share of the machine, asked again as it runs),
+    else torch's default (the machine's physical cores). `model_class` is
+    ReproducibleCalibrationWeights; l0-python's own SparseCalibrationWeights (its COO product) is the
+    benches' baseline."""
     device = fit_device(config)
     torch.manual_seed(config.seed)
-    if config.threads:  # else torch's own default: the machine's physical cores
-        torch.set_num_threads(config.threads)
+    if config.threads or cores:
+        torch.set_num_threads(config.threads or cores())
     torch.sparse.check_sparse_tensor_invariants.disable()  # the matrix comes from scipy's CSR: valid
     model = model_class(
         n_features=matrix.shape[1],
@@ -105,6 +124,8 @@ def fit_l0(
         seed=config.seed,
         device=device,
     )
+    if cores and not config.threads:
+        model.cores = cores
     model.fit(
         M=matrix,
         y=target_values,
@@ -177,14 +198,17 @@ def fit_problem(package: CalibrationPackage, scope: str) -> FitProblem:
     )
 
 
-def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
-    """Fit weights over every clone against the scope's reachable targets; log before and after."""
+def fit_weights(
+    package_path: Path, weights_path: Path, log_path: Path, config: FitConfig, cores: Callable[[], int] | None = None
+) -> StepResult:
+    """Fit weights over every clone against the scope's reachable targets; log before and after.
+    (`cores`: see fit_l0.)"""
     fit_device(config)
     problem = fit_problem(load_calibration_package(package_path, column_names=["base_weight"]), config.scope)
     matrix, target_values, groups, initial = problem.matrix, problem.values, problem.groups, problem.initial
 
     started = time.perf_counter()
-    weights = fit_l0(matrix, target_values, groups, initial, config)
+    weights = fit_l0(matrix, target_values, groups, initial, config, cores=cores)
     fit_seconds = time.perf_counter() - started
 
     before, after = matrix @ initial, matrix @ weights
@@ -218,6 +242,6 @@ def fit_weights(package_path: Path, weights_path: Path, log_path: Path, config: 
             "nonzero_weights": int((weights > 0).sum()),
             "weight_sum": float(weights.sum()),
             "fit_seconds": round(fit_seconds, 3),
-            "threads": torch.get_num_threads(),  # the CPU threads it ran on (not part of its identity)
+            "threads": torch.get_num_threads(),  # the CPU threads it ended on (not part of its identity)
         },
     )
