@@ -75,7 +75,11 @@ class CoreShare:
         """The cores divided among the fits running now (at least one); a fit's file whose process
         has gone (killed before it could remove it) is removed here."""
         running = 0
-        for entry in self.directory.iterdir():
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:  # a /tmp cleaner removed it under a running fit
+            entries = []
+        for entry in entries:
             if entry.name.isdigit() and _process_running(int(entry.name)):
                 running += 1
             else:

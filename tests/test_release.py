@@ -84,6 +84,8 @@ def test_the_cores_are_divided_among_the_fits_running_at_the_moment(tmp_path):
         (share.directory / str(os.getppid())).unlink()  # the other fit ends: this one takes its cores
         assert current() == 4
     assert list(share.directory.iterdir()) == []
+    share.directory.rmdir()  # removed under a running fit (a /tmp cleaner): it keeps all the cores
+    assert share.share() == 4
 
 
 def test_a_fit_follows_its_share_and_an_explicit_thread_count_wins(tmp_path, monkeypatch):
