@@ -40,8 +40,8 @@ def _process_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # running, as another user
+        pass
     return True
 
 
