@@ -14,7 +14,8 @@ def write_columns(group: h5py.Group, columns: dict[str, np.ndarray]) -> None:
     """One dataset per column; strings as fixed-length bytes so h5py needs no object dtype.
 
     Through h5py's low-level calls, which make the same bytes as `create_dataset(name, data=...,
-    track_times=False)` in a third of its time (an area file has 54 columns)."""
+    track_times=False)` in about 60 % of its time (3.7-4.0 ms against 5.9-6.3 ms for a file of 54
+    columns, as an area file has)."""
     creation = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     creation.set_obj_track_times(False)
     for name, values in columns.items():
