@@ -16,7 +16,6 @@ STEP_PRELOAD = [
     "pipeline_assets.definitions",
     "pipeline_assets.steps.weights",
     "quantile_forest",  # imported where the datasets are built (~0.9 s)
-    "torch._dynamo",  # imported when torch.optim builds an optimizer (~1 s): each fit step would pay it
     "pipeline_assets.instance_storage",
     "dagster._core.instance.factory",
     "dagster._core.secrets.loader",

@@ -6,6 +6,10 @@ needs no shared fixture); on a machine without one they are skipped, and the ref
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -59,6 +63,43 @@ def test_reproducible_model_fits_like_l0_pythons_own():
     ours, theirs = fit("cpu"), fit("cpu", model_class=SparseCalibrationWeights)
     assert abs(mean_rel_error(matrix, targets, ours) - mean_rel_error(matrix, targets, theirs)) < 1e-4
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("lambda_l2", [0.0, 1e-6])
+def test_our_training_loop_takes_the_same_steps_as_l0_pythons_with_torch_optim(lambda_l2):
+    """The same model trained by its own fit (_Adam) and by l0-python's (torch.optim.Adam): the same bits."""
+    matrix, targets, groups, initial = problem()
+
+    def trained(fit_loop) -> np.ndarray:
+        torch.manual_seed(3)  # the gates are drawn from torch's global generator
+        model = ReproducibleCalibrationWeights(n_features=matrix.shape[1], init_weights=initial, seed=3)
+        fit_loop(model, M=matrix, y=targets, lambda_l0=1e-4, lambda_l2=lambda_l2, lr=0.1, epochs=120,
+                 loss_type="relative", target_groups=groups)
+        return model.get_weights(deterministic=True).detach().numpy()
+
+    ours = trained(ReproducibleCalibrationWeights.fit)
+    assert np.array_equal(ours, trained(SparseCalibrationWeights.fit))
+    assert not np.array_equal(ours, initial)
+
+
+def test_a_fit_does_not_import_torch_dynamo():
+    """torch.optim would import it (1-1.5 s in each new fit process); the fit must not need it."""
+    script = (
+        "import sys, numpy as np, scipy.sparse as sp\n"
+        "from pipeline_assets.steps.config import FitConfig\n"
+        "from pipeline_assets.steps.weights import fit_l0\n"
+        "matrix = sp.random(20, 100, density=0.3, random_state=0, format='csr')\n"
+        "fit_l0(matrix, np.ones(20), np.zeros(20, int), np.ones(100), FitConfig(scope='local', epochs=3))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_only_the_relative_loss_is_fitted():
+    matrix, targets, groups, initial = problem()
+    model = ReproducibleCalibrationWeights(n_features=matrix.shape[1], init_weights=initial)
+    with pytest.raises(ValueError, match="loss_type 'mse'.*expected 'relative'"):
+        model.fit(M=matrix, y=targets, lambda_l0=0, lambda_l2=0, lr=0.1, epochs=1, loss_type="mse", target_groups=groups)
 
 
 def test_cpu_fit_calibrates_and_repeats_bit_for_bit():

@@ -64,6 +64,33 @@ def csr_product(matrix, device: torch.device) -> Product:
 
 
 REBALANCE_EPOCHS = 10  # how often a fit with a share of the cores asks for its share again
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which l0-python's fit uses
+
+
+class _Adam:
+    """torch.optim.Adam's update with its defaults, op for op as its CPU (single-tensor) code does it,
+    so a fit gets the same bits as through torch.optim.Adam (tested). torch.optim imports
+    torch._dynamo when it builds an optimizer, 1-1.5 s in every new fit process."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float):
+        self.params, self.lr, self.steps = params, lr, 0
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update from the parameters' gradients, which it then clears (as zero_grad would)."""
+        self.steps += 1
+        beta1, beta2 = ADAM_BETAS
+        step_size = self.lr / (1 - beta1 ** float(self.steps))
+        bias_correction2_sqrt = (1 - beta2 ** float(self.steps)) ** 0.5
+        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
+            grad = param.grad
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+            param.grad = None
 
 
 class ReproducibleCalibrationWeights(SparseCalibrationWeights):
@@ -85,6 +112,24 @@ class ReproducibleCalibrationWeights(SparseCalibrationWeights):
             self._products = (csr_product(M, self.device), csr_product(M.T, self.device))
             self._products_of = M
         return _RowSums.apply(self.get_weights(deterministic=deterministic), *self._products)
+
+    def fit(self, M, y, lambda_l0: float, lambda_l2: float, lr: float, epochs: int, loss_type: str, target_groups) -> None:
+        """l0-python's fit with its relative loss, each target group weighing the same, and no
+        log-weight jitter (the model's default): the same steps, the same bits (tested), with _Adam
+        in place of torch.optim.Adam."""
+        if loss_type != "relative":
+            raise ValueError(f"loss_type {loss_type!r}: this fit has the relative loss only; expected 'relative'")
+        y = torch.tensor(y, dtype=torch.float32, device=self.device)
+        groups = np.asarray(target_groups)
+        group_weights = torch.tensor(1.0 / np.bincount(groups)[groups], dtype=torch.float32, device=self.device)
+        optimizer = _Adam([self.log_weight, self.log_alpha], lr)
+        for _ in range(epochs):
+            relative = (y - self.forward(M, deterministic=False)) / (y + 1)
+            loss = (relative.pow(2) * group_weights).sum() + lambda_l0 * self.get_l0_penalty()
+            if lambda_l2 > 0:
+                loss = loss + lambda_l2 * self.get_l2_penalty()
+            loss.backward()
+            optimizer.step()
 
 
 def fit_device(config: FitConfig) -> torch.device:
