@@ -113,7 +113,9 @@ class ReproducibleCalibrationWeights(SparseCalibrationWeights):
             self._products_of = M
         return _RowSums.apply(self.get_weights(deterministic=deterministic), *self._products)
 
-    def fit(self, M, y, lambda_l0: float, lambda_l2: float, lr: float, epochs: int, loss_type: str, target_groups) -> None:
+    def fit(
+        self, M, y, lambda_l0: float, lambda_l2: float, lr: float, epochs: int, loss_type: str, target_groups
+    ) -> ReproducibleCalibrationWeights:
         """l0-python's fit with its relative loss, each target group weighing the same, and no
         log-weight jitter (the model's default): the same steps, the same bits (tested), with _Adam
         in place of torch.optim.Adam."""
@@ -130,6 +132,7 @@ class ReproducibleCalibrationWeights(SparseCalibrationWeights):
                 loss = loss + lambda_l2 * self.get_l2_penalty()
             loss.backward()
             optimizer.step()
+        return self
 
 
 def fit_device(config: FitConfig) -> torch.device:
