@@ -95,8 +95,9 @@ class _Adam:
 
 class ReproducibleCalibrationWeights(SparseCalibrationWeights):
     """l0-python's model with its sparse product done by _RowSums: the same math, the same bits on
-    every repeat on CPU and GPU alike; and, where it has a share of the machine's cores
-    (`cores`), one that follows that share as other fits start and end."""
+    every repeat on CPU and GPU alike; trained by l0-python's loop with _Adam (see `fit`); and,
+    where it has a share of the machine's cores (`cores`), one that follows that share as other
+    fits start and end."""
 
     _products_of = None  # the scipy matrix whose products (and its transpose's) are cached in _products
     cores: Callable[[], int] | None = None
