@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import CalibrationConfig
 from pipeline_assets.steps.datasets import Dataset, load_dataset
-from pipeline_assets.steps.h5io import open_for_write, read_frame, write_columns
+from pipeline_assets.steps.h5io import open_for_write, read_frame, write_columns, write_frame
 from resources.files import atomic_path
 from pipeline_assets.steps.results import StepResult
 
@@ -199,8 +199,8 @@ def build_calibration_package(
         group = h5.create_group("matrix")
         write_columns(group, {"data": matrix.data, "indices": matrix.indices, "indptr": matrix.indptr})
         group.attrs["shape"] = matrix.shape
-        write_columns(h5.create_group("targets"), {c: targets[c].to_numpy() for c in targets.columns})
-        write_columns(h5.create_group("columns"), {c: columns[c].to_numpy() for c in columns.columns})
+        write_frame(h5.create_group("targets"), targets)
+        write_frame(h5.create_group("columns"), columns)
 
     covered = columns["district"].nunique()
     return StepResult(

@@ -27,8 +27,13 @@ def write_columns(group: h5py.Group, columns: dict[str, np.ndarray]) -> None:
         dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, array)
 
 
+def table_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A table as its columns (name -> array, in the table's order)."""
+    return {name: frame[name].to_numpy() for name in frame.columns}
+
+
 def write_frame(group: h5py.Group, frame: pd.DataFrame) -> None:
-    write_columns(group, {name: frame[name].to_numpy() for name in frame.columns})
+    write_columns(group, table_columns(frame))
 
 
 def read_frame(group: h5py.Group, names: Iterable[str] | None = None) -> pd.DataFrame:

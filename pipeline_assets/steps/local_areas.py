@@ -16,19 +16,13 @@ from pydantic import BaseModel
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.calibration import load_package_columns
 from pipeline_assets.steps.datasets import load_dataset
-from pipeline_assets.steps.h5io import open_for_write, write_columns
+from pipeline_assets.steps.h5io import open_for_write, table_columns, write_columns
 from resources.files import atomic_path, sha256_file
 
 CLONE_GEOGRAPHY = ("district", "state", "county")
 
 
-Columns = dict[str, np.ndarray]
-
-
-def table_columns(frame: pd.DataFrame) -> Columns:
-    """A table as its columns (name -> array, in the table's order): an area takes rows from each
-    column directly, without building a DataFrame per area."""
-    return {name: frame[name].to_numpy() for name in frame.columns}
+Columns = dict[str, np.ndarray]  # a table as its columns: an area takes rows from each directly, no DataFrame per area
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ class ReproducibleCalibrationWeights(SparseCalibrationWeights):
             raise ValueError(f"loss_type {loss_type!r}: this fit has the relative loss only; expected 'relative'")
         y = torch.tensor(y, dtype=torch.float32, device=self.device)
         groups = np.asarray(target_groups)
-        group_weights = torch.tensor(1.0 / np.bincount(groups)[groups], dtype=torch.float32, device=self.device)
+        group_weights = torch.tensor(1.0 / group_sizes(groups), dtype=torch.float32, device=self.device)
         optimizer = _Adam([self.log_weight, self.log_alpha], lr)
         for _ in range(epochs):
             relative = (y - self.forward(M, deterministic=False)) / (y + 1)
@@ -189,11 +189,15 @@ def fit_l0(
         return model.get_weights(deterministic=True).cpu().numpy().astype(np.float64)
 
 
+def group_sizes(groups: np.ndarray) -> np.ndarray:
+    """Each target's group size: a target weighs 1 / that in the loss, so each group weighs the same."""
+    return np.bincount(groups)[groups]
+
+
 def group_loss(estimate: np.ndarray, target: np.ndarray, groups: np.ndarray) -> float:
     """The fit's data loss: squared relative error, each target group weighted equally."""
     squared = ((target - estimate) / (target + 1.0)) ** 2
-    sizes = np.bincount(groups)[groups]
-    return float((squared / sizes).sum())
+    return float((squared / group_sizes(groups)).sum())
 
 
 def calibration_log(names, estimate, target, epoch: int, loss: float) -> pd.DataFrame:
