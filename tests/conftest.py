@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -40,3 +42,39 @@ def store(tiny_release, tmp_path):
     shutil.copytree(source.root, copy.root)
     stage_release(copy, meta.run_id)
     return copy, meta.run_id
+
+
+# --- the reliability suite's own figures ------------------------------------------------------------
+# Tests marked @pytest.mark.reliability("bad_input" | "fault" | "concurrency" | "tamper") are counted
+# per class (each parametrized case once); the session writes the tally to tests/artifacts/
+# reliability.json, which is where the README's reliability figures come from.
+RELIABILITY_REPORT = Path(__file__).resolve().parent / "artifacts" / "reliability.json"
+_reliability: dict[str, dict[str, int]] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reliability(kind): a case of the reliability suite, counted by kind")
+
+
+def pytest_runtest_logreport(report):
+    kind = getattr(report, "reliability_kind", None)
+    if kind is None or (report.when != "call" and not (report.failed or report.skipped)):
+        return
+    tally = _reliability.setdefault(kind, {"tried": 0, "handled": 0})
+    tally["tried"] += 1
+    tally["handled"] += int(report.passed and report.when == "call")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    marker = item.get_closest_marker("reliability")
+    if marker is not None:
+        outcome.get_result().reliability_kind = marker.args[0]
+
+
+def pytest_sessionfinish(session):
+    if _reliability:
+        RELIABILITY_REPORT.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(RELIABILITY_REPORT.read_text()) if RELIABILITY_REPORT.is_file() else {}
+        RELIABILITY_REPORT.write_text(json.dumps({**previous, **_reliability}, indent=2, sort_keys=True) + "\n")
