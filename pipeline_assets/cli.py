@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from pipeline_assets import history
-from pipeline_assets.identity import InvalidRunId, SOURCE_ROOT, VersionSkewError, parse_run_id, running_code_sha
+from pipeline_assets.identity import (
+    CODE_SHA_VARIABLE,
+    InvalidRunId,
+    SOURCE_ROOT,
+    VersionSkewError,
+    parse_run_id,
+    running_code_sha,
+)
 from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
-from pipeline_assets.promotion import PromotionFailed
+from pipeline_assets.promotion import PromotionFailed, PromotionRefused
 from resources.git import GitError, code_state
+from resources.ledger import LEDGER_VARIABLE, location_problem, redact
+from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
 from resources.publishers import PublishError
-from resources.registry import RegistryError
-from resources.run_store import LocalRunStore, RunMeta, RunStoreError, StepTiming
+from resources.registry import RegistryError, validate_version
+from resources.run_store import STORE_VARIABLE, LocalRunStore, RunMeta, RunStoreError, StepTiming, directory_problem
+from resources.runtime import IMAGE_DIGEST_VARIABLES, INSTANCE_VARIABLES, POOL_VARIABLES, PROVIDER_VARIABLES, REGION_VARIABLES
 
 if TYPE_CHECKING:  # the launcher imports Dagster; commands that need it import it themselves
     from pipeline_assets.launch import LaunchOutcome
@@ -35,8 +47,15 @@ class OneLineParser(argparse.ArgumentParser):
         raise CliError(message)
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer no smaller than `minimum`, with a one-line error otherwise."""
+CORES = os.cpu_count() or 1
+# Process and thread counts beyond a few per core only add memory and switching, never speed.
+MAX_PER_CORE = 4
+MAX_EPOCHS = 100_000
+
+
+def _int_at_least(minimum: int, maximum: int | None = None, why: str = ""):
+    """An argparse type: an integer from `minimum` to `maximum` (`why`: where that bound comes from),
+    with a one-line error otherwise."""
 
     def parse(text: str) -> int:
         try:
@@ -45,9 +64,55 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}{why}")
         return value
 
     return parse
+
+
+def _per_core_count() -> Callable[[str], int]:
+    return _int_at_least(1, MAX_PER_CORE * CORES, f" ({MAX_PER_CORE} x the {CORES} cores of this machine)")
+
+
+def _run_id(text: str) -> str:
+    """An argparse type: a well-formed run_id (an empty one is malformed, never "every run")."""
+    try:
+        parse_run_id(text)
+    except InvalidRunId as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _version(text: str) -> str:
+    try:
+        return validate_version(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sha(text: str) -> str:
+    """An argparse type: 7 to 40 hex digits (a shorter prefix is ambiguous, and it is never a branch)."""
+    if not re.fullmatch(r"[0-9a-fA-F]{7,40}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA: expected 7 to 40 hex digits")
+    return text.lower()
+
+
+def _ref_name(text: str) -> str:
+    if not text or text.startswith("-") or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a branch or tag name")
+    return text
+
+
+def _factor(text: str) -> float:
+    """An argparse type: a finite number above 1 (nan and inf would flag everything or nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"factor {text!r} must be a finite number greater than 1")
+    return value
 
 
 def build_parser() -> OneLineParser:
@@ -55,12 +120,12 @@ def build_parser() -> OneLineParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     run = commands.add_parser("run", help="run a whole release for one pinned SHA")
-    run.add_argument("--branch", help="branch (or tag) to pin; default: the checkout's HEAD")
-    run.add_argument("--sha", help="full or short SHA to pin (instead of --branch)")
+    run.add_argument("--branch", type=_ref_name, help="branch (or tag) to pin; default: the checkout's HEAD")
+    run.add_argument("--sha", type=_sha, help="full or short SHA (7-40 hex digits) to pin (instead of --branch)")
     run.add_argument("--scale", choices=list(SCALES), default="small")
-    run.add_argument("--epochs", type=_int_at_least(1), help="epochs of both fits (default: the scale's)")
-    run.add_argument("--workers", type=_int_at_least(1), help="local area workers (default 2)")
-    run.add_argument("--fit-threads", type=_int_at_least(1),
+    run.add_argument("--epochs", type=_int_at_least(1, MAX_EPOCHS), help="epochs of both fits (default: the scale's)")
+    run.add_argument("--workers", type=_per_core_count(), help=f"local area workers (default 2, at most {MAX_PER_CORE} per core)")
+    run.add_argument("--fit-threads", type=_per_core_count(),
                      help="CPU threads of each fit (default: the cores divided among the fits running at the "
                           "moment, as the release job runs both fits at once)")
     run.add_argument("--fit-device", choices=["cpu", "cuda"], default="cpu",
@@ -74,19 +139,19 @@ def build_parser() -> OneLineParser:
                      help="compute every step even where an earlier run's identical output exists")
 
     status = commands.add_parser("status", help="a table of runs, or one run's steps")
-    status.add_argument("run_id", nargs="?")
+    status.add_argument("run_id", nargs="?", type=_run_id)
 
     resume = commands.add_parser("resume", help="re-execute the failed and never-run steps of a failed run")
-    resume.add_argument("run_id")
+    resume.add_argument("run_id", type=_run_id)
 
     promote = commands.add_parser("promote", help="publish a completed run as a release version")
-    promote.add_argument("run_id")
-    promote.add_argument("--version", required=True, help="the release version, semver MAJOR.MINOR.PATCH")
+    promote.add_argument("run_id", type=_run_id)
+    promote.add_argument("--version", required=True, type=_version, help="the release version, semver MAJOR.MINOR.PATCH")
     promote.add_argument("--allow-dirty", action="store_true", help="promote a run made from a dirty work tree")
 
     rollback = commands.add_parser("rollback", help="publish an older version's files as a new version")
-    rollback.add_argument("--to", required=True, dest="to_version", help="the version whose files to publish")
-    rollback.add_argument("--as", required=True, dest="as_version", help="the new version")
+    rollback.add_argument("--to", required=True, dest="to_version", type=_version, help="the version whose files to publish")
+    rollback.add_argument("--as", required=True, dest="as_version", type=_version, help="the new version (it becomes current)")
 
     commands.add_parser("versions", help="the version registry, newest first")
 
@@ -94,10 +159,10 @@ def build_parser() -> OneLineParser:
     clean.add_argument("--keep", type=_int_at_least(0), required=True, help="how many of the newest runs to keep")
 
     verify = commands.add_parser("verify", help="re-hash a run's files against its TRO and check its signature")
-    verify.add_argument("run_id")
+    verify.add_argument("run_id", type=_run_id)
 
     reproduce = commands.add_parser("reproduce", help="re-run a completed run at its SHA and config; compare the bytes")
-    reproduce.add_argument("run_id")
+    reproduce.add_argument("run_id", type=_run_id)
     reproduce.add_argument("--force", action="store_true", help="reproduce even where the environment (env_id) differs")
 
     runs = commands.add_parser("runs", help="runs with their provenance, filtered by any field")
@@ -110,7 +175,7 @@ def build_parser() -> OneLineParser:
     timeline.add_argument("metric", help="a numeric field, e.g. state_weights.final_mean_rel_abs_error")
     timeline.add_argument("--by", type=_field_list, required=True, metavar="FIELD[,FIELD]",
                           help="the fields that make a class, e.g. config_hash,dataset_sha256")
-    timeline.add_argument("--factor", type=float, default=1.5,
+    timeline.add_argument("--factor", type=_factor, default=1.5,
                           help="excursion: worse than this times the median of the class's other runs (> 1)")
     timeline.add_argument("--higher-is-better", action="store_true", help="the metric improves upwards")
     _add_where(timeline)
@@ -119,8 +184,8 @@ def build_parser() -> OneLineParser:
     timeline.add_argument("--fail-on-excursion", action="store_true", help="exit 1 when any run is flagged")
 
     compare = commands.add_parser("compare", help="what differs between two runs")
-    compare.add_argument("run_a")
-    compare.add_argument("run_b")
+    compare.add_argument("run_a", type=_run_id)
+    compare.add_argument("run_b", type=_run_id)
     compare.add_argument("--format", choices=["table", "json"], default="table")
     return parser
 
@@ -323,7 +388,9 @@ def _backends():
 
 
 def command_promote(args: argparse.Namespace) -> int:
-    """Refuse fast (one line, nothing written), then materialize the promotion asset in Dagster."""
+    """Refuse fast (one line, nothing written); then, under the store's release lock, materialize the
+    promotion asset in Dagster, whose promote() checks again under the same lock: of concurrent
+    promotions one gets through, and each other's refusal reaches its user as the one line it is."""
     from dagster import DagsterInstance
 
     from pipeline_assets.definitions import defs
@@ -331,12 +398,11 @@ def command_promote(args: argparse.Namespace) -> int:
     from pipeline_assets.partitions import RUN_IDS
     from pipeline_assets.promotion import check_promotable
 
-    parse_run_id(args.run_id)
     store = LocalRunStore()
-    backends = _backends()
-    check_promotable(store, args.run_id, args.version, backends.registry_backend(store), args.allow_dirty)
+    registry = _backends().registry_backend(store)
+    check_promotable(store, args.run_id, args.version, registry, args.allow_dirty)
     dagster_home()
-    with DagsterInstance.get() as instance:
+    with store.release_lock(), DagsterInstance.get() as instance:
         if not instance.has_dynamic_partition(RUN_IDS, args.run_id):
             instance.add_dynamic_partitions(RUN_IDS, [args.run_id])
         result = defs.resolve_job_def("promote").execute_in_process(
@@ -349,23 +415,47 @@ def command_promote(args: argparse.Namespace) -> int:
             },
         )
     if not result.success:
-        failure = next((e for e in result.all_events if e.is_step_failure), None)
-        message = failure.step_failure_data.error.message.strip().splitlines()[-1] if failure else "see the Dagster run"
-        print(f"usdata-pipeline: error: promotion of {args.run_id} failed: {message}", file=sys.stderr)
-        return 1
+        raise promotion_job_error(result, args.run_id)
     meta = store.read_meta(args.run_id)
     print(f"promoted {args.run_id} as {args.version} to {', '.join(meta.promotion.published)}")
+    current = registry.read().current
+    if current != args.version:
+        print(f"current stays {current}: {args.version} is lower (semver precedence); `rollback --to {args.version}` "
+              "makes a release of it current")
     return 0
 
 
+def promotion_job_error(result, run_id: str) -> Exception:
+    """The promotion step's own exception (under Dagster's wrappers) as its one line: a refusal is
+    PromotionRefused (exit 2, nothing written), anything else a failed promotion (exit 1)."""
+    failure = next((e for e in result.all_events if e.is_step_failure), None)
+    error = failure.step_failure_data.error if failure else None
+    while error is not None and error.cause is not None:
+        error = error.cause
+    if error is None:
+        return PromotionFailed(f"promotion of {run_id} failed before its step ran: see the Dagster run {result.run_id}")
+    line = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
+    line = line.split(": ", 1)[1] if line.split(": ", 1)[0].endswith(error.cls_name or "") and ": " in line else line
+    if error.cls_name in (PromotionRefused.__name__, "InvalidVersion", "DuplicateVersion"):
+        return PromotionRefused(line)
+    return PromotionFailed(f"promotion of {run_id} failed: {line}")
+
+
 def command_rollback(args: argparse.Namespace) -> int:
+    """Refused in one line, nothing written, unless --to is registered with its files and --as is new;
+    then published and registered under the store's release lock (rollback checks again under it)."""
     from pipeline_assets.promotion import rollback
 
     store = LocalRunStore()
     backends = _backends()
-    entry = rollback(store, args.to_version, args.as_version, backends.publishers(store),
-                     backends.registry_backend(store), store.root / "production")
-    print(f"released {entry.version}: the files of {entry.roll_back_version} (run {entry.run_id})")
+    registry = backends.registry_backend(store)
+    known = {entry.version for entry in registry.read().versions}
+    if args.to_version not in known:
+        raise CliError(f"cannot roll back to {args.to_version}: it is not in the registry")
+    if args.as_version in known:
+        raise CliError(f"version {args.as_version} is already in the registry: versions are never rewritten")
+    entry = rollback(store, args.to_version, args.as_version, backends.publishers(store), registry, store.root / "production")
+    print(f"released {entry.version}: the files of {entry.roll_back_version} (run {entry.run_id}); current is {entry.version}")
     return 0
 
 
@@ -391,12 +481,16 @@ def command_clean(args: argparse.Namespace) -> int:
     from pipeline_assets.promotion import clean
 
     store = LocalRunStore()
+    if not store.root.is_dir():
+        print(f"removed 0 run(s): there is no run store at {store.root}")
+        return 0
     removed = clean(store, _backends().registry_backend(store), args.keep)
-    dagster_home()
-    with DagsterInstance.get() as instance:
-        for run_id in removed:
-            if instance.has_dynamic_partition(RUN_IDS, run_id):
-                instance.delete_dynamic_partition(RUN_IDS, run_id)
+    if removed:
+        dagster_home()
+        with DagsterInstance.get() as instance:
+            for run_id in removed:
+                if instance.has_dynamic_partition(RUN_IDS, run_id):
+                    instance.delete_dynamic_partition(RUN_IDS, run_id)
     print(f"removed {len(removed)} run(s)" + (f": {', '.join(removed)}" if removed else ""))
     return 0
 
@@ -481,10 +575,172 @@ COMMANDS = {
     "runs": command_runs, "timeline": command_timeline, "compare": command_compare,
 }
 
+# --- preflight: every input is checked before any command starts work ----------------------------
+EXECUTES = frozenset({"run", "resume", "reproduce"})  # run steps: code, compute, lineage, signing, ledger
+RELEASES = frozenset({"promote", "rollback"})
+USES_REGISTRY = RELEASES | {"versions", "clean"}
+LOADS_DEFINITIONS = EXECUTES | USES_REGISTRY  # import pipeline_assets.definitions (resources, sensors)
+USES_INSTANCE = EXECUTES | {"promote", "clean"}
+WRITES_STORE = EXECUTES | RELEASES | {"clean"}
+RUN_ID_ARGUMENTS = ("run_id", "run_a", "run_b")
+MODAL_GPU = re.compile(r"(T4|L4|A10G?|A100(-40GB|-80GB)?|L40S|H100!?|H200|B200)(:[1-8])?", re.IGNORECASE)
+GCS_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
+GCS_PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]")
+HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+IMAGE_DIGEST = re.compile(r"([^\s@]+@)?sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Variable:
+    """An environment variable the pipeline reads, the commands that read it and what it must be."""
+
+    name: str
+    expected: str
+    valid: Callable[[str], bool]
+    commands: frozenset[str]
+    empty_is_unset: bool = True  # as its reader treats it
+
+
+def _label(value: str) -> bool:
+    return value.isprintable() and len(value) <= 200
+
+
+ENVIRONMENT = (
+    Variable(CODE_SHA_VARIABLE, "the full 40-hex-digit (lowercase) SHA of the running code",
+             re.compile(r"[0-9a-f]{40}").fullmatch, EXECUTES),
+    Variable("PIPELINE_COMPUTE", "local or modal", {"local", "modal"}.__contains__, LOADS_DEFINITIONS, empty_is_unset=False),
+    Variable("PIPELINE_MODAL_GPU", "a Modal GPU type (T4, L4, A10G, A100, A100-80GB, L40S, H100, H200, B200), optionally :COUNT",
+             MODAL_GPU.fullmatch, LOADS_DEFINITIONS),
+    Variable(TRANSPORT_VARIABLE, "file, http or off", {"file", "http", "off"}.__contains__, EXECUTES),
+    Variable("PIPELINE_REGISTRY", "local or gcs", {"local", "gcs"}.__contains__, LOADS_DEFINITIONS, empty_is_unset=False),
+    Variable("PIPELINE_GCS_BUCKET", "a bucket name (3-63 of a-z 0-9 . _ -)", GCS_BUCKET.fullmatch, LOADS_DEFINITIONS),
+    Variable("PIPELINE_GCS_PROJECT", "a project id (6-30 of a-z 0-9 -, starting with a letter)", GCS_PROJECT.fullmatch,
+             LOADS_DEFINITIONS),
+    Variable("PIPELINE_HF_REPO", "a Hugging Face repo id, OWNER/NAME", HF_REPO.fullmatch, LOADS_DEFINITIONS),
+    *(Variable(name, "[NAME@]sha256:<64 hex digits>", IMAGE_DIGEST.fullmatch, EXECUTES)
+      for name in IMAGE_DIGEST_VARIABLES if name.startswith("PIPELINE_")),
+    *(Variable(name, "one line of printable text, at most 200 characters", _label, EXECUTES)
+      for name in POOL_VARIABLES + REGION_VARIABLES + PROVIDER_VARIABLES + INSTANCE_VARIABLES if name.startswith("PIPELINE_")),
+    # Read by sensors/git_sensor.py when the definitions are imported: named here rather than imported
+    # from there, so that a bad one is refused before that import fails on it.
+    Variable("PIPELINE_WATCH_SCALE", f"one of {', '.join(SCALES)}", SCALES.__contains__, LOADS_DEFINITIONS),
+    Variable("PIPELINE_WATCH_BRANCH", "a branch name", lambda value: _label(value) and not value.startswith("-"),
+             LOADS_DEFINITIONS),
+    Variable("PIPELINE_WATCH_REPO", "the directory of a git repository", lambda value: Path(value).is_dir(), LOADS_DEFINITIONS),
+)
+
+
+def _check_variables(command: str) -> None:
+    for variable in ENVIRONMENT:
+        value = os.environ.get(variable.name)
+        if command not in variable.commands or value is None or (value == "" and variable.empty_is_unset):
+            continue
+        if not variable.valid(value):
+            raise CliError(f"{variable.name}={redact(value)!r}: expected {variable.expected}")
+    if command in USES_REGISTRY and os.environ.get("PIPELINE_REGISTRY") == "gcs" and not os.environ.get("PIPELINE_GCS_BUCKET"):
+        raise CliError("PIPELINE_REGISTRY='gcs': expected PIPELINE_GCS_BUCKET to name the bucket as well")
+
+
+def _check_store(command: str) -> None:
+    value = os.environ.get(STORE_VARIABLE)
+    if value == "":
+        raise CliError(f"{STORE_VARIABLE} is set but empty: expected the run store's directory (unset, it is ./.pipeline-data)")
+    problem = directory_problem(LocalRunStore().root, writable=command in WRITES_STORE)
+    if problem:
+        raise CliError(f"{STORE_VARIABLE}={problem}" if value else f"run store {problem}")
+
+
+def _check_signing() -> None:
+    """A signing key that cannot sign is refused now, not when the run's TRO is written at its end."""
+    from pipeline_assets.tro import GPG_KEY_VARIABLE, SigningError, signer_from_environment
+
+    home = os.environ.get("GNUPGHOME")
+    if os.environ.get(GPG_KEY_VARIABLE) and home and not Path(home).is_dir():
+        raise CliError(f"GNUPGHOME={home!r}: expected the directory of the gpg keyring that holds {GPG_KEY_VARIABLE}")
+    signer = signer_from_environment()
+    if signer is not None:
+        try:
+            signer.sign(b"usdata-pipeline: can this key sign?")
+        except SigningError as exc:
+            raise CliError(f"{GPG_KEY_VARIABLE}={signer.key_id!r}: {exc}; expected a key gpg can sign with") from None
+
+
+def _check_run_ids(args: argparse.Namespace) -> None:
+    """A run the command is about must exist and be readable (one line naming its meta.json if not)."""
+    if args.command == "status" and args.run_id is None:
+        return
+    store = LocalRunStore()
+    for name in RUN_ID_ARGUMENTS:
+        run_id = getattr(args, name, None)
+        if run_id is not None:
+            store.read_meta(run_id)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    output = getattr(args, "output", None)
+    if output is None:
+        return
+    if output.is_dir():
+        raise CliError(f"--output {output} is a directory: expected a PNG file's path")
+    problem = directory_problem(output.resolve().parent)
+    if problem:
+        raise CliError(f"--output {output}: {problem}")
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Every input a command takes from outside its arguments' syntax (the environment, the store,
+    the Dagster instance, the ledger, lineage, the signing key, the runs it names), checked before it
+    starts work: one CliError line naming the value and what was expected, and nothing written."""
+    command = args.command
+    _check_variables(command)
+    _check_store(command)
+    if command in USES_INSTANCE:
+        from pipeline_assets.launch import checked_dagster_home
+
+        checked_dagster_home()
+    if command in EXECUTES:
+        running_code_sha()
+        LineageSettings.resolve()
+        _check_signing()
+    ledger = os.environ.get(LEDGER_VARIABLE)
+    if ledger and command in EXECUTES | RELEASES:
+        problem = location_problem(ledger)
+        if problem:
+            raise CliError(problem)
+    _check_output(args)
+    _check_run_ids(args)
+
+
+class StoreWarnings(logging.Handler):
+    """The store's warnings (an unreadable record left out of a listing) as one stderr line each,
+    once per command however many listings meet it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage().splitlines()[0]
+        if line not in self.seen:
+            self.seen.add(line)
+            print(f"usdata-pipeline: warning: {line}", file=sys.stderr)
+
+
+STORE_WARNINGS = StoreWarnings()
+
+
+def _report_store_warnings() -> None:
+    store_log = logging.getLogger("resources.run_store")
+    STORE_WARNINGS.seen.clear()
+    if STORE_WARNINGS not in store_log.handlers:
+        store_log.addHandler(STORE_WARNINGS)
+
 
 def main(argv: list[str] | None = None) -> int:
+    _report_store_warnings()
     try:
         args = build_parser().parse_args(argv)
+        preflight(args)
         return COMMANDS[args.command](args)
     except CliError as exc:
         print(f"usdata-pipeline: error: {exc}", file=sys.stderr)

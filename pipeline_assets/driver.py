@@ -23,7 +23,7 @@ from resources.git import CodeState
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import Lineage, RunState, StepRun
 from resources.runtime import capture
-from resources.run_store import LocalRunStore, RunError, RunMeta, RunStatus, utcnow
+from resources.run_store import LocalRunStore, RunError, RunExists, RunMeta, RunStatus, utcnow
 
 
 
@@ -50,8 +50,11 @@ def start_run(
             env_id=env_id(capture()),
             config_hash=config_hash(config),
         )
-        if started_at is not None or not store.exists(store.meta_key(meta.run_id)):
+        try:
             return store.create_run(meta)
+        except RunExists:  # the second is taken (also by a run created at this same instant)
+            if started_at is not None:
+                raise
         time.sleep(1 - now.microsecond / 1e6)
 
 

@@ -70,7 +70,9 @@ def running_code_sha() -> str:
     """The SHA of the code this process runs: from the image's variable, else the source checkout."""
     explicit = os.environ.get(CODE_SHA_VARIABLE)
     if explicit:
-        return explicit.strip()
+        if not _FULL_SHA.match(explicit):
+            raise InvalidRunId(f"{CODE_SHA_VARIABLE}={explicit!r}: expected the full 40-hex-digit (lowercase) SHA of the running code")
+        return explicit
     try:
         return resolve_sha(SOURCE_ROOT)
     except GitError as exc:

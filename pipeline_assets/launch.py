@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance, DagsterRunStatus, ReexecutionOptions, RunsFilter, execute_job, reconstructable
 
 from pipeline_assets.checks import failing_checks
@@ -21,7 +23,7 @@ from resources.files import write_bytes_atomic
 from resources.git import CodeState
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import LineageSettings
-from resources.run_store import LocalRunStore, RunStoreError, RunMeta, RunStatus
+from resources.run_store import LocalRunStore, RunStoreError, RunMeta, RunStatus, directory_problem
 
 DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = ".dagster"
@@ -44,10 +46,38 @@ storage:  # Dagster's SQLite files and schema, with connections kept open (pipel
 """.encode()
 
 
+def checked_dagster_home() -> Path:
+    """$DAGSTER_HOME (default ./.dagster), resolved; a ValueError in one line where it cannot be the
+    instance: set but empty, a file, not writable, or a dagster.yaml that is not YAML settings.
+    Writes nothing, so every command can ask before it starts."""
+    value = os.environ.get(DAGSTER_HOME_VARIABLE)
+    if value == "":
+        raise ValueError(f"{DAGSTER_HOME_VARIABLE} is set but empty: expected the Dagster instance's directory "
+                         f"(unset, it is ./{DEFAULT_DAGSTER_HOME})")
+    home = Path(value or DEFAULT_DAGSTER_HOME).resolve()
+    problem = directory_problem(home)
+    if problem:
+        raise ValueError(f"{DAGSTER_HOME_VARIABLE}={problem}")
+    settings = home / "dagster.yaml"
+    if settings.exists():
+        try:
+            document = yaml.safe_load(settings.read_bytes())
+        except yaml.MarkedYAMLError as exc:
+            raise ValueError(f"{DAGSTER_HOME_VARIABLE}={home}: {settings} is not valid YAML ({exc.problem}, line "
+                             f"{exc.problem_mark.line + 1}): expected Dagster's instance settings") from None
+        except (yaml.YAMLError, OSError) as exc:
+            raise ValueError(f"{DAGSTER_HOME_VARIABLE}={home}: {settings} cannot be read ({type(exc).__name__}): "
+                             "expected Dagster's instance settings") from None
+        if document is not None and not isinstance(document, dict):
+            raise ValueError(f"{DAGSTER_HOME_VARIABLE}={home}: {settings} holds a {type(document).__name__}, "
+                             "not settings: expected Dagster's instance settings (a YAML mapping)")
+    return home
+
+
 def dagster_home() -> Path:
-    """$DAGSTER_HOME, defaulting to ./.dagster (created, with `instance_settings`), exported
-    so step processes agree."""
-    home = Path(os.environ.get(DAGSTER_HOME_VARIABLE) or DEFAULT_DAGSTER_HOME).resolve()
+    """$DAGSTER_HOME, defaulting to ./.dagster (checked first, then created, with `instance_settings`),
+    exported so step processes agree."""
+    home = checked_dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
     if not settings.exists():

@@ -11,6 +11,7 @@ configured: its registry entry, its release TRO and the run's meta.json, in one 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -31,10 +32,12 @@ from resources.files import link_or_copy, sha256_file, write_bytes_atomic
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import LINEAGE_DIR
 from resources.publishers import Publisher
-from resources.registry import DuplicateVersion, RegistryBackend, VersionManifest, validate_version
-from resources.run_store import LocalRunStore, PromotionState, RunStatus, RunStoreError, utcnow
+from resources.registry import DuplicateVersion, LocalRegistry, RegistryBackend, VersionManifest, validate_version
+from resources.run_store import LocalRunStore, PromotionState, RunMeta, RunStatus, RunStoreError, utcnow
 
 STAGING_MANIFEST = "manifest.json"
+PRODUCTION = "production"
+KEPT_STATUSES = frozenset({RunStatus.running, RunStatus.promoted})  # clean never removes these
 RELEASE_TRO = "release.tro.jsonld"
 # What a release publishes: run path prefix -> path in the release ("" keeps the run's path).
 PUBLISHED = {
@@ -49,6 +52,10 @@ PUBLISHED = {
 
 class PromotionRefused(ValueError):
     """A promotion that must not happen; nothing was written."""
+
+
+class CleanRefused(ValueError):
+    """clean cannot tell what is safe to remove; nothing was removed."""
 
 
 class PromotionFailed(RuntimeError):
@@ -113,6 +120,9 @@ def check_promotable(store: LocalRunStore, run_id: str, version: str, registry: 
         meta = store.read_meta(run_id)
     except RunStoreError as exc:
         raise PromotionRefused(str(exc)) from None
+    if meta.status is RunStatus.promoted:
+        raise PromotionRefused(f"run {run_id} is already promoted as {meta.promotion.version if meta.promotion else 'a release'}"
+                               ": a run is promoted once")
     if meta.status is not RunStatus.completed:
         raise PromotionRefused(f"run {run_id} is {meta.status.value}: only a completed run can be promoted")
     if meta.dirty and not allow_dirty:
@@ -140,17 +150,20 @@ def promote(
     ledger: GitLedger | None = None,
 ) -> VersionManifest:
     """Publish a staged, verified run as `version` on every backend, then register it (and record it
-    in `ledger`, else the configured one)."""
-    staged = check_promotable(store, run_id, version, registry, allow_dirty)
-    ledger = ledger or configured_ledger(store.root)
-    files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
-    release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
-    if not release_tro.exists():
-        doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME)
-        write_bytes_atomic(release_tro, canonical_bytes(doc))
-    files[RELEASE_TRO] = release_tro
-    return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
-                                tro_sha256=staged.files[TRO_NAME], ledger=ledger)
+    in `ledger`, else the configured one). The store's release lock covers the checks through the
+    registry write and the run's transition to promoted: of concurrent promotions of a run, or of
+    one version, exactly one gets through and the others are refused by the checks."""
+    with store.release_lock():
+        staged = check_promotable(store, run_id, version, registry, allow_dirty)
+        ledger = ledger or configured_ledger(store.root)
+        files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
+        release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
+        if not release_tro.exists():
+            doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME)
+            write_bytes_atomic(release_tro, canonical_bytes(doc))
+        files[RELEASE_TRO] = release_tro
+        return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
+                                    tro_sha256=staged.files[TRO_NAME], ledger=ledger)
 
 
 def publish_and_register(
@@ -166,7 +179,7 @@ def publish_and_register(
     ledger: GitLedger | None = None,
 ) -> VersionManifest:
     """All-or-nothing: the registry entry is added only after every backend published; the ledger
-    records the version once it is registered."""
+    records the version once it is registered. Callers hold the store's release lock."""
     meta = store.read_meta(run_id)
     state = PromotionState(version=version)
     results = {}
@@ -233,36 +246,62 @@ def rollback(
 ) -> VersionManifest:
     """A rollback is a release: `as_version` publishes exactly the files of `to_version` (and is
     recorded in `ledger`, else the configured one)."""
-    validate_version(as_version)
-    versions = {entry.version: entry for entry in registry.read().versions}
-    if to_version not in versions:
-        raise PromotionRefused(f"cannot roll back to {to_version}: it is not in the registry")
-    if as_version in versions:
-        raise PromotionRefused(f"version {as_version} is already in the registry: versions are never rewritten")
-    source = production_root / to_version
-    if not source.is_dir():
-        raise PromotionRefused(f"cannot roll back to {to_version}: its files are not at {source}")
-    ledger = ledger or configured_ledger(store.root)
-    files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*")) if p.is_file()}
-    old = versions[to_version]
-    return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
-                                tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger)
+    with store.release_lock():
+        validate_version(as_version)
+        versions = {entry.version: entry for entry in registry.read().versions}
+        if to_version not in versions:
+            raise PromotionRefused(f"cannot roll back to {to_version}: it is not in the registry")
+        if as_version in versions:
+            raise PromotionRefused(f"version {as_version} is already in the registry: versions are never rewritten")
+        source = production_root / to_version
+        if not source.is_dir():
+            raise PromotionRefused(f"cannot roll back to {to_version}: its files are not at {source}")
+        ledger = ledger or configured_ledger(store.root)
+        files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*")) if p.is_file()}
+        old = versions[to_version]
+        return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
+                                    tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger)
 
 
-def referenced_runs(registry: RegistryBackend) -> set[str]:
-    return {entry.run_id for entry in registry.read().versions}
+def referenced_runs(store: LocalRunStore, registries: list[RegistryBackend]) -> set[str]:
+    """Every run a registry entry names or a TRO under production/{version}/ names (a release's TRO
+    and the run TRO it publishes). A file there that cannot be read refuses: clean cannot tell
+    which run it publishes."""
+    referenced = {entry.run_id for registry in registries for entry in registry.read().versions}
+    production = store.path(PRODUCTION)
+    for tro in sorted(production.glob("*/*.jsonld")) if production.is_dir() else []:
+        try:
+            graph = json.loads(tro.read_bytes())["@graph"]
+            referenced |= {node["pe:runId"] for node in graph if "pe:runId" in node}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CleanRefused(f"cannot tell which run {tro} publishes ({type(exc).__name__}): nothing removed") from None
+    return referenced
 
 
 def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[str]:
-    """Remove runs beyond the newest `keep` that no registry entry references; return their ids."""
+    """Remove runs beyond the newest `keep` that are neither running nor promoted and that no registry
+    (the configured one and the store's own) or production/ refers to; return their ids. Under the
+    release lock, so no promotion lands in between; refuses, removing nothing, where the registry is
+    unreadable, or empty while production/ holds versions or a run is promoted."""
     if keep < 0:
         raise ValueError(f"--keep {keep}: expected a number of runs >= 0")
-    referenced = referenced_runs(registry)
-    runs = store.list_runs()
-    removable = [m.run_id for m in runs[: max(len(runs) - keep, 0)] if m.run_id not in referenced]
-    for run_id in removable:
-        shutil.rmtree(store.path(store.run_key(run_id)))
-        shutil.rmtree(store.path(staging_key(run_id)), ignore_errors=True)
-        shutil.rmtree(store.path(f"{LINEAGE_DIR}/{run_id}"), ignore_errors=True)
-    return removable
+    with store.release_lock():
+        # settle_orphans(store)  # MERGE: the crash engineer's settlement, so a dead orchestrator's run is failed, not running
+        registries = [registry] + ([] if isinstance(registry, LocalRegistry) else [LocalRegistry.in_store(store.root)])
+        runs = store.list_runs()
+        published = sorted(p.name for p in store.path(PRODUCTION).iterdir()) if store.path(PRODUCTION).is_dir() else []
+        promoted = [m.run_id for m in runs if m.status is RunStatus.promoted]
+        if (published or promoted) and not any(r.read().versions for r in registries):
+            shown = f"production/ holds {', '.join(published)}" if published else f"run {promoted[0]} is promoted"
+            raise CleanRefused(f"the version registry is missing or empty while {shown}: nothing removed")
+        referenced = referenced_runs(store, registries)
 
+        def removable(meta: RunMeta) -> bool:
+            return meta.status not in KEPT_STATUSES and meta.run_id not in referenced
+
+        candidates = [m.run_id for m in runs[: max(len(runs) - keep, 0)] if removable(m)]
+        removed = [run_id for run_id in candidates if store.remove_run(run_id, removable)]
+        for run_id in removed:
+            shutil.rmtree(store.path(staging_key(run_id)), ignore_errors=True)
+            shutil.rmtree(store.path(f"{LINEAGE_DIR}/{run_id}"), ignore_errors=True)
+    return removed

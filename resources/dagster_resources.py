@@ -107,7 +107,7 @@ class ReleaseBackendsResource(ConfigurableResource):
             return GcsRegistry(self._gcs_client(), self.gcs_bucket)
         if self.registry != "local":
             raise ValueError(f"unknown registry backend {self.registry!r}: expected 'local' or 'gcs'")
-        return LocalRegistry(store.root / "version_manifest.json")
+        return LocalRegistry.in_store(store.root)
 
     def _gcs_client(self):
         from dagster_gcp import GCSResource

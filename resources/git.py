@@ -62,10 +62,11 @@ def code_state(repo: Path, ref: str | None = None) -> CodeState:
     """
     head = resolve_sha(repo, "HEAD")
     sha = resolve_sha(repo, ref) if ref else head
-    branch = ref if ref and not _looks_like_sha(ref) else current_branch(repo)
+    branch = ref if ref and _is_named_ref(repo, ref) else current_branch(repo)
     diff = work_tree_diff_sha256(repo) if sha == head else None
     return CodeState(sha=sha, branch=branch, dirty=diff is not None, diff_sha256=diff)
 
 
-def _looks_like_sha(ref: str) -> bool:
-    return 7 <= len(ref) <= 40 and all(c in "0123456789abcdef" for c in ref.lower())
+def _is_named_ref(repo: Path, ref: str) -> bool:
+    """Whether `ref` is a branch or tag (git names it), not a SHA: a SHA is never recorded as a branch."""
+    return bool(_git(repo, "rev-parse", "--symbolic-full-name", ref).strip())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from resources.files import write_bytes_atomic
+from resources.run_store import directory_problem
 
 LEDGER_VARIABLE = "PIPELINE_LEDGER"
 CLONE_DIR = ".ledger-clone"  # under the run store: the clone of a remote ledger
@@ -35,7 +36,9 @@ PUSH_ATTEMPTS = 3  # a push rejected because another writer pushed first is reba
 GIT_OPTIONS = ("-c", "user.name=usdata-pipeline", "-c", "user.email=usdata-pipeline@users.noreply.invalid",
                "-c", "commit.gpgsign=false")
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_URL_QUERY = re.compile(r"(\w+://[^\s?#'\"]*\?)[^\s#'\"]*")
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")
+REMOTE_SCHEMES = ("https", "http", "ssh", "git", "file")
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,9 @@ class LedgerError(ValueError):
 
 
 def redact(text: str) -> str:
-    """Drop the user:password or token part of every URL in `text`."""
-    return _URL_USERINFO.sub("***@", text)
+    """Drop the user:password or token part and the query string (where tokens also travel) of
+    every URL in `text`."""
+    return _URL_QUERY.sub(r"\1***", _URL_USERINFO.sub("***@", text))
 
 
 def _run_git(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -66,6 +70,22 @@ def _is_remote(location: str) -> bool:
     return path.is_dir() and _is_bare_repository(path)
 
 
+def location_problem(location: str) -> str | None:
+    """What is wrong with a ledger location, in one line with no credential; None when it can be
+    opened. Reads only: the preflight of every command asks it before anything is written."""
+    if _is_remote(location):
+        scheme = location.split("://", 1)[0] if "://" in location else "ssh"
+        if scheme not in REMOTE_SCHEMES:
+            return redact(f"ledger {location} has an unknown scheme {scheme!r}: expected a git URL ({', '.join(REMOTE_SCHEMES)}), "
+                          "user@host:path, or a directory")
+        return None
+    path = Path(location).expanduser().resolve()
+    if path.exists() and not (path / ".git").exists() and (not path.is_dir() or any(path.iterdir())):
+        return f"ledger {path} exists and is not a git repository: give a git repository, a new or empty directory, or a remote URL"
+    problem = directory_problem(path)
+    return f"ledger {problem}" if problem else None
+
+
 class GitLedger:
     """A git work tree that events are committed to, pushed to `remote` when there is one."""
 
@@ -76,13 +96,13 @@ class GitLedger:
     @classmethod
     def open(cls, location: str, store_root: Path) -> GitLedger:
         """The ledger at `location`: a remote (cloned under the store) or a local path (created if missing)."""
+        problem = location_problem(location)
+        if problem:
+            raise LedgerError(problem)
         if _is_remote(location):
             ledger = cls(Path(store_root) / CLONE_DIR, location)
         else:
-            path = Path(location).expanduser().resolve()
-            if path.exists() and not (path / ".git").exists() and (not path.is_dir() or any(path.iterdir())):
-                raise LedgerError(f"ledger {path} exists and is not a git repository: give a git repository, a new or empty directory, or a remote URL")
-            ledger = cls(path)
+            ledger = cls(Path(location).expanduser().resolve())
         if not (ledger.work_tree / ".git").exists():
             ledger.work_tree.mkdir(parents=True, exist_ok=True)
             ledger._git("init", "-q", "-b", BRANCH)

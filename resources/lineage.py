@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import attr
 from openlineage.client import OpenLineageClient
@@ -76,7 +77,17 @@ class LineageSettings(BaseModel):
             raise ValueError(f"unknown lineage transport {transport!r}: expected file, http or off")
         if transport == "http" and not url:
             raise ValueError(f"lineage transport http needs a URL ({URL_VARIABLE})")
+        if transport == "http" and not _is_http_url(url):
+            raise ValueError(f"lineage URL {redact(url)!r} ({URL_VARIABLE}): expected http(s)://host[:port][/path]")
         return cls(transport=transport, url=url, directory=directory)
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parsed = urlsplit(url)
+        return parsed.scheme in ("http", "https") and bool(parsed.hostname) and (parsed.port or 1) > 0
+    except ValueError:  # a bad port or bracketed host
+        return False
 
 
 class RunStoreFileTransport(Transport):

@@ -3,6 +3,8 @@
 The registry is append-only: `add` puts one new version at the front and never rewrites or drops
 an entry, so concurrent promotions can be refused but never lose each other's entries. Locally a
 file lock serialises writers; on GCS the write is conditioned on the generation that was read.
+`current` moves only to the version just added: a roll-back always, a promotion unless it is lower
+(semver precedence) than the current version, which stays current.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Iterator, Literal, Protocol
 
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from google.cloud import storage
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from resources.files import write_bytes_atomic
+from resources.run_store import read_model
 
 # semver.org's own regular expression, with ASCII digits only.
 _IDENT = r"(?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)"
@@ -30,6 +33,7 @@ SEMVER = re.compile(
     r"(?:\+[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*)?"
 )
 GCS_BACKOFF_CAP_S = 0.5
+REGISTRY_NAME = "version_manifest.json"  # at the run store's root, and the object name in a bucket
 
 
 class InvalidVersion(ValueError):
@@ -52,6 +56,17 @@ def validate_version(text: str) -> str:
             "and +build (semver.org), e.g. 1.2.3, 1.2.3-rc.1, 1.2.3+build.5"
         )
     return text
+
+
+def precedence(version: str) -> tuple:
+    """A sort key in semver.org's precedence: build metadata ignored, a pre-release below its
+    release, numeric identifiers below alphanumeric ones and compared as numbers."""
+    core, _, prerelease = validate_version(version).partition("+")[0].partition("-")
+    major, minor, patch = (int(part) for part in core.split("."))
+    if not prerelease:
+        return major, minor, patch, (1,)
+    identifiers = tuple((0, int(i), "") if i.isdigit() else (1, 0, i) for i in prerelease.split("."))
+    return major, minor, patch, (0, *identifiers)
 
 
 class HfInfo(BaseModel):
@@ -87,11 +102,17 @@ class Registry(BaseModel):
     versions: list[VersionManifest] = []
 
     def with_entry(self, entry: VersionManifest) -> Registry:
-        """The registry with `entry` in front and made current; existing entries untouched."""
+        """The registry with `entry` in front, current when `makes_current`; existing entries untouched."""
         validate_version(entry.version)
         if any(known.version == entry.version for known in self.versions):
             raise DuplicateVersion(f"version {entry.version} is already in the registry")
-        return Registry(current=entry.version, versions=[entry, *self.versions])
+        current = entry.version if self.makes_current(entry) else self.current
+        return Registry(current=current, versions=[entry, *self.versions])
+
+    def makes_current(self, entry: VersionManifest) -> bool:
+        """A roll-back is an explicit choice of what is current; a promotion never moves current down."""
+        return (self.current is None or entry.special_operation == "roll-back"
+                or precedence(entry.version) >= precedence(self.current))
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
@@ -109,9 +130,16 @@ class LocalRegistry:
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    @classmethod
+    def in_store(cls, store_root: Path) -> LocalRegistry:
+        """The registry every run store keeps at its root."""
+        return cls(Path(store_root) / REGISTRY_NAME)
+
     def read(self) -> Registry:
+        """The registry (empty where there is no file); an unreadable one is one line naming the file,
+        and `add` refuses to write over it."""
         try:
-            return Registry.model_validate_json(self.path.read_bytes())
+            return read_model(self.path, Registry)
         except FileNotFoundError:
             return Registry()
 
@@ -135,7 +163,7 @@ class GcsRegistry:
     """version_manifest.json in a bucket; optimistic concurrency on the object's generation."""
 
     def __init__(self, client: storage.Client, bucket: str,
-                 blob_name: str = "version_manifest.json", max_attempts: int = 50):
+                 blob_name: str = REGISTRY_NAME, max_attempts: int = 50):
         self.bucket = client.bucket(bucket)
         self.blob_name = blob_name
         self.max_attempts = max_attempts
@@ -167,4 +195,8 @@ class GcsRegistry:
             data = blob.download_as_bytes()
         except NotFound:
             return Registry(), 0
-        return Registry.model_validate_json(data), int(blob.generation)
+        try:
+            return Registry.model_validate_json(data), int(blob.generation)
+        except ValidationError as exc:
+            raise RegistryError(f"unreadable registry gs://{self.bucket.name}/{self.blob_name}: "
+                                f"{exc.errors()[0]['msg']}".splitlines()[0]) from None

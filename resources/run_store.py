@@ -9,18 +9,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import shutil
+import tempfile
+import threading
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from resources.files import atomic_path, write_bytes_atomic
 
 STORE_VARIABLE = "PIPELINE_STORE"
 DEFAULT_STORE = ".pipeline-data"
+
+log = logging.getLogger(__name__)
+Record = TypeVar("Record", bound=BaseModel)
 
 
 class RunStatus(str, Enum):
@@ -42,6 +49,69 @@ SEALED = frozenset({RunStatus.completed, RunStatus.promoted})
 
 class RunStoreError(RuntimeError):
     """A store operation that would lose or corrupt data."""
+
+
+class RunExists(RunStoreError):
+    """create_run of a run_id that is taken: the caller picks another (the next second)."""
+
+
+class UnreadableRecord(RunStoreError):
+    """A record file that exists but cannot be read as its model; the message names the file."""
+
+
+def read_model(path: Path, model: type[Record]) -> Record:
+    """`path` parsed as `model`; anything wrong with it (unreadable, not JSON, a field the model does
+    not know or refuses) is one UnreadableRecord line naming the file and the first problem."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # no record at all: the caller says what that means
+        raise
+    except OSError as exc:
+        raise UnreadableRecord(f"unreadable record {path}: {exc.strerror or exc}") from None
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        problem = f"{where}: {first['msg']}" if where else first["msg"]
+        raise UnreadableRecord(f"unreadable record {path}: {problem}".splitlines()[0]) from None
+
+
+def directory_problem(path: Path, writable: bool = True) -> str | None:
+    """What stops `path` from being used as a directory (written to, when `writable`), in words that
+    start with the path; None when nothing does. Writes nothing: a directory that does not exist is
+    judged by the nearest one above it, where it would be created; writability is tried with an
+    unnamed temporary file (permission bits do not bind root)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            return f"{path} is a broken symbolic link ({existing}): expected a directory"
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is)"
+        return f"{path} is a file{where}: expected a directory"
+    if not writable:
+        return None
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        where = "" if existing == path else f" ({existing}, where it would be created, is not)"
+        return f"{path} is not writable{where}: {exc.strerror or exc}"
+    return None
+
+
+class _HeldLock:
+    """A store's release lock as this process holds it: a thread lock that makes it re-entrant,
+    how deep it is held, and the descriptor of the root directory carrying the flock while it is."""
+
+    def __init__(self) -> None:
+        self.thread_lock = threading.RLock()
+        self.depth = 0
+        self.handle: int | None = None
+
+
+_release_locks: dict[Path, _HeldLock] = {}
+_release_locks_guard = threading.Lock()
 
 
 def utcnow() -> datetime:
@@ -151,18 +221,20 @@ class LocalRunStore:
         return self.run_key(run_id, "meta.json")
 
     def create_run(self, meta: RunMeta) -> RunMeta:
-        """Register a new run; a run_id is never reused."""
+        """Register a new run; a run_id is never reused (RunExists: the caller takes another)."""
         with self._meta_lock(meta.run_id):
             if self.exists(self.meta_key(meta.run_id)):
-                raise RunStoreError(f"run {meta.run_id} already exists in {self.root}")
+                raise RunExists(f"run {meta.run_id} already exists in {self.root}")
             self._write_meta(meta)
         return meta
 
     def read_meta(self, run_id: str) -> RunMeta:
+        """The run's record; an unknown run or an unreadable meta.json is one line naming the file."""
         key = self.meta_key(run_id)
-        if not self.exists(key):
-            raise RunStoreError(f"unknown run {run_id}: no {key} in {self.root}")
-        return RunMeta.model_validate_json(self.read_bytes(key))
+        try:
+            return read_model(self.path(key), RunMeta)
+        except FileNotFoundError:
+            raise RunStoreError(f"unknown run {run_id}: no {key} in {self.root}") from None
 
     def update_meta(self, run_id: str, change: Callable[[RunMeta], None]) -> RunMeta:
         """Read, change and atomically rewrite meta.json under a lock (parallel steps share it)."""
@@ -174,11 +246,65 @@ class LocalRunStore:
         return meta
 
     def list_runs(self) -> list[RunMeta]:
+        """The readable runs, oldest first. An unreadable meta.json affects only its own run: it is
+        left out, with one warning naming the file and what is wrong (see `unreadable_runs`)."""
+        metas, unreadable = self._scan_runs()
+        for problem in unreadable:
+            log.warning(problem)
+        return metas
+
+    def unreadable_runs(self) -> list[str]:
+        """One line per run whose meta.json cannot be read: its path and what is wrong."""
+        return self._scan_runs()[1]
+
+    def _scan_runs(self) -> tuple[list[RunMeta], list[str]]:
         runs_dir = self.path("runs")
         if not runs_dir.is_dir():
-            return []
-        metas = [self.read_meta(p.parent.name) for p in runs_dir.glob("*/meta.json")]
-        return sorted(metas, key=lambda m: m.created_at)
+            return [], []
+        metas, unreadable = [], []
+        for path in sorted(runs_dir.glob("*/meta.json")):
+            try:
+                metas.append(self.read_meta(path.parent.name))
+            except RunStoreError as exc:  # unreadable, or removed since the glob
+                unreadable.append(str(exc))
+        return sorted(metas, key=lambda m: m.created_at), unreadable
+
+    @contextlib.contextmanager
+    def release_lock(self) -> Iterator[None]:
+        """The store-wide lock over registry-changing transitions (promote, rollback, clean): whoever
+        holds it checks and writes with no other such transition in between. An flock on the store's
+        root directory itself, so taking it writes nothing (a refused transition leaves the store as
+        it was); re-entrant within a thread, so a promotion that the CLI runs under it can take it
+        again inside the job."""
+        with _release_locks_guard:
+            held = _release_locks.setdefault(self.root, _HeldLock())
+        with held.thread_lock:
+            if held.depth == 0:
+                try:
+                    held.handle = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                except FileNotFoundError:
+                    raise RunStoreError(f"there is no run store at {self.root}") from None
+                fcntl.flock(held.handle, fcntl.LOCK_EX)
+            held.depth += 1
+            try:
+                yield
+            finally:
+                held.depth -= 1
+                if held.depth == 0:
+                    os.close(held.handle)  # closing the descriptor releases the flock
+                    held.handle = None
+
+    def remove_run(self, run_id: str, removable: Callable[[RunMeta], bool]) -> bool:
+        """Remove the run's directory if its meta.json, read again under the run's lock, is still
+        `removable` (a resume reopening it meanwhile keeps it); whether it was removed."""
+        with self._meta_lock(run_id):
+            try:
+                if not removable(self.read_meta(run_id)):
+                    return False
+            except RunStoreError:  # gone, or unreadable since it was listed: not ours to judge
+                return False
+            shutil.rmtree(self.path(self.run_key(run_id)))
+        return True
 
     def _write_meta(self, meta: RunMeta) -> None:
         write_bytes_atomic(self.path(self.meta_key(meta.run_id)), meta.model_dump_json(indent=2).encode())

@@ -184,6 +184,8 @@ def test_clean_keeps_referenced_runs(store):
     promote(store, run_id, "6.0.0", publishers, registry)
     code = CodeState(PINNED_SHA, "main", False, None)
     later = [start_run(store, config_for_scale("tiny"), code, datetime.now(timezone.utc) + timedelta(seconds=i + 1)).run_id for i in range(3)]
+    for run in later:  # a running run is never removed (tests/test_reliability_concurrency.py)
+        store.update_meta(run, lambda m: m.transition(RunStatus.failed))
     removed = clean(store, registry, keep=1)
     assert removed == later[:2]
     assert store.exists(f"runs/{run_id}/meta.json") and store.exists(f"runs/{later[2]}/meta.json")

@@ -20,6 +20,7 @@ from resources.registry import (
     LocalRegistry,
     RegistryError,
     VersionManifest,
+    precedence,
     validate_version,
 )
 from tests.gcs_emulator import make_client
@@ -175,7 +176,7 @@ def _run_writers(target, *args) -> None:
 def _assert_all_registered(registry) -> None:
     stored = registry.read()
     assert sorted(m.version for m in stored.versions) == sorted(f"1.0.{n}" for n in range(WRITERS))
-    assert stored.current == stored.versions[0].version
+    assert stored.current == max((m.version for m in stored.versions), key=precedence)  # current never moves down
 
 
 def test_concurrent_local_writers_lose_no_entry(tmp_path):
