@@ -388,32 +388,22 @@ def _backends():
 
 
 def command_promote(args: argparse.Namespace) -> int:
-    """Refuse fast (one line, nothing written); then, under the store's release lock, materialize the
-    promotion asset in Dagster, whose promote() checks again under the same lock: of concurrent
-    promotions one gets through, and each other's refusal reaches its user as the one line it is."""
+    """Under the store's release lock (an flock that writes nothing): refuse fast (one line, nothing
+    written), then materialize the promotion asset in Dagster, whose promote() checks again under the
+    same lock. Of concurrent promotions one gets through; each other is refused by the first check,
+    or by the asset's (its one line reaches the user), never by a half-made release."""
     from dagster import DagsterInstance
 
-    from pipeline_assets.definitions import defs
     from pipeline_assets.launch import dagster_home
-    from pipeline_assets.partitions import RUN_IDS
     from pipeline_assets.promotion import check_promotable
 
     store = LocalRunStore()
     registry = _backends().registry_backend(store)
-    check_promotable(store, args.run_id, args.version, registry, args.allow_dirty)
-    dagster_home()
-    with store.release_lock(), DagsterInstance.get() as instance:
-        if not instance.has_dynamic_partition(RUN_IDS, args.run_id):
-            instance.add_dynamic_partitions(RUN_IDS, [args.run_id])
-        result = defs.resolve_job_def("promote").execute_in_process(
-            partition_key=args.run_id,
-            instance=instance,
-            raise_on_error=False,
-            run_config={
-                "ops": {"promotion": {"config": {"version": args.version, "allow_dirty": args.allow_dirty}}},
-                "resources": {"run_store": {"config": {"root": str(store.root)}}},
-            },
-        )
+    with store.release_lock():
+        check_promotable(store, args.run_id, args.version, registry, args.allow_dirty)
+        dagster_home()
+        with DagsterInstance.get() as instance:
+            result = _execute_promotion(instance, store, args)
     if not result.success:
         raise promotion_job_error(result, args.run_id)
     meta = store.read_meta(args.run_id)
@@ -423,6 +413,23 @@ def command_promote(args: argparse.Namespace) -> int:
         print(f"current stays {current}: {args.version} is lower (semver precedence); `rollback --to {args.version}` "
               "makes a release of it current")
     return 0
+
+
+def _execute_promotion(instance, store: LocalRunStore, args: argparse.Namespace):
+    from pipeline_assets.definitions import defs
+    from pipeline_assets.partitions import RUN_IDS
+
+    if not instance.has_dynamic_partition(RUN_IDS, args.run_id):
+        instance.add_dynamic_partitions(RUN_IDS, [args.run_id])
+    return defs.resolve_job_def("promote").execute_in_process(
+        partition_key=args.run_id,
+        instance=instance,
+        raise_on_error=False,
+        run_config={
+            "ops": {"promotion": {"config": {"version": args.version, "allow_dirty": args.allow_dirty}}},
+            "resources": {"run_store": {"config": {"root": str(store.root)}}},
+        },
+    )
 
 
 def promotion_job_error(result, run_id: str) -> Exception:
@@ -442,19 +449,13 @@ def promotion_job_error(result, run_id: str) -> Exception:
 
 
 def command_rollback(args: argparse.Namespace) -> int:
-    """Refused in one line, nothing written, unless --to is registered with its files and --as is new;
-    then published and registered under the store's release lock (rollback checks again under it)."""
+    """rollback() checks and publishes under the store's release lock; its refusals write nothing."""
     from pipeline_assets.promotion import rollback
 
     store = LocalRunStore()
     backends = _backends()
-    registry = backends.registry_backend(store)
-    known = {entry.version for entry in registry.read().versions}
-    if args.to_version not in known:
-        raise CliError(f"cannot roll back to {args.to_version}: it is not in the registry")
-    if args.as_version in known:
-        raise CliError(f"version {args.as_version} is already in the registry: versions are never rewritten")
-    entry = rollback(store, args.to_version, args.as_version, backends.publishers(store), registry, store.root / "production")
+    entry = rollback(store, args.to_version, args.as_version, backends.publishers(store),
+                     backends.registry_backend(store), store.root / "production")
     print(f"released {entry.version}: the files of {entry.roll_back_version} (run {entry.run_id}); current is {entry.version}")
     return 0
 
