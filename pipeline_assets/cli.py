@@ -338,11 +338,11 @@ def command_reproduce(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from pipeline_assets.launch import dagster_home
-    from pipeline_assets.reproduce import REPORT, reproduce
+    from pipeline_assets.reproduce import REPORT, check_reproducible, reproduce
 
-    parse_run_id(args.run_id)
     store = LocalRunStore()
     code = code_state(SOURCE_ROOT)
+    check_reproducible(store, args.run_id, code, running_code_sha(), args.force)  # refused before the instance is made
     config = RunConfig.model_validate(store.read_meta(args.run_id).config)
     refuse_fits_without_their_device(config)
     dagster_home()
@@ -731,10 +731,11 @@ STORE_WARNINGS = StoreWarnings()
 
 
 def _report_store_warnings() -> None:
-    store_log = logging.getLogger("resources.run_store")
     STORE_WARNINGS.seen.clear()
-    if STORE_WARNINGS not in store_log.handlers:
-        store_log.addHandler(STORE_WARNINGS)
+    for name in ("resources.run_store", "pipeline_assets.history"):  # where listings warn
+        listing_log = logging.getLogger(name)
+        if STORE_WARNINGS not in listing_log.handlers:
+            listing_log.addHandler(STORE_WARNINGS)
 
 
 def main(argv: list[str] | None = None) -> int:

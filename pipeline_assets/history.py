@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import logging
 import statistics
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -33,7 +34,7 @@ from pipeline_assets.reuse import StepRecord, read_record
 from pipeline_assets.stages import ARTIFACTS, STEP_ORDER
 from pipeline_assets.tro import INPUTS_ID, TroDocument, tro_revisions
 from resources.files import atomic_path
-from resources.run_store import SEALED, LocalRunStore, RunMeta, RunStatus
+from resources.run_store import SEALED, LocalRunStore, RunMeta, RunStatus, UnreadableRecord, read_model
 
 Scalar = str | int | float | bool | None
 
@@ -46,6 +47,8 @@ STEP_FACTS = ("code_version", "env_id", "config_hash", "reuse", "reused_from")
 DATASET_FILE = ARTIFACTS["source_datasets"]
 # A run's environment where its steps disagree (they ran on different machines): the values, joined.
 MIXED_SEPARATOR = " | "
+
+log = logging.getLogger(__name__)
 
 
 def flatten(payload: dict, prefix: str = "") -> dict[str, Scalar]:
@@ -135,8 +138,8 @@ def run_environment(records: Iterable[StepRecord]) -> dict[str, Scalar]:
 
 
 def tro_facts(path: Path) -> tuple[dict[str, str], str]:
-    """(raw input path -> sha256, composition fingerprint) from a TRO."""
-    tro = TroDocument.model_validate_json(path.read_bytes()).graph[0]
+    """(raw input path -> sha256, composition fingerprint) from a TRO (UnreadableRecord naming it if it is not one)."""
+    tro = read_model(path, TroDocument).graph[0]
     hashes = {artifact.id: artifact.hash.value for artifact in tro.composition.artifacts}
     inputs = next((arrangement.locations for arrangement in tro.arrangements if arrangement.id == INPUTS_ID), [])
     return {location.path: hashes[location.artifact.id] for location in inputs}, tro.composition.fingerprint.hash.value
@@ -214,9 +217,21 @@ def select(rows: Sequence[RunProvenance], filters: Sequence[str]) -> list[RunPro
     return [row for row in rows if matches(row)]
 
 
+def read_runs(store: LocalRunStore, metas: Iterable[RunMeta]) -> list[RunProvenance]:
+    """The rows of `metas`. A run with an unreadable record (a step record, its TRO) affects only
+    itself: it is left out, with one warning naming the file and what is wrong."""
+    rows = []
+    for meta in metas:
+        try:
+            rows.append(read_run(store, meta))
+        except UnreadableRecord as exc:
+            log.warning(str(exc))
+    return rows
+
+
 def list_runs(store: LocalRunStore, filters: Sequence[str] = ()) -> list[RunProvenance]:
-    """Every run of the store, oldest first, narrowed by FIELD=VALUE filters (see `select`)."""
-    return select([read_run(store, meta) for meta in store.list_runs()], filters)
+    """Every readable run of the store, oldest first, narrowed by FIELD=VALUE filters (see `select`)."""
+    return select(read_runs(store, store.list_runs()), filters)
 
 
 # --- timeline ------------------------------------------------------------------------------------
@@ -357,7 +372,7 @@ def class_history(store: LocalRunStore, run: RunProvenance) -> list[RunProvenanc
         meta for meta in store.list_runs()
         if meta.run_id != run.run_id and meta.status in SEALED and meta.config_hash == run.config_hash
     ]
-    rows = [read_run(store, meta) for meta in candidates]
+    rows = read_runs(store, candidates)
     return [row for row in rows if all(getattr(row, name) == getattr(run, name) for name in CLASS_FIELDS)]
 
 

@@ -18,7 +18,7 @@ from typing import Iterator
 from pydantic import BaseModel, Field
 
 from resources.files import link_or_copy, sha256_file
-from resources.run_store import LocalRunStore, RunStoreError, utcnow
+from resources.run_store import LocalRunStore, RunStoreError, read_model, utcnow
 
 
 class StepRecord(BaseModel):
@@ -72,7 +72,7 @@ def reuse_key(step: str, code_version: str, env_id: str, config_hash: str, input
 
 def read_record(store: LocalRunStore, run_id: str, step: str) -> StepRecord | None:
     key = store.run_key(run_id, record_key(step))
-    return StepRecord.model_validate_json(store.read_bytes(key)) if store.exists(key) else None
+    return read_model(store.path(key), StepRecord) if store.exists(key) else None
 
 
 def write_record(store: LocalRunStore, run_id: str, record: StepRecord, name: str | None = None) -> None:
