@@ -428,6 +428,8 @@ def _execute_promotion(instance, store: LocalRunStore, args: argparse.Namespace)
         run_config={
             "ops": {"promotion": {"config": {"version": args.version, "allow_dirty": args.allow_dirty}}},
             "resources": {"run_store": {"config": {"root": str(store.root)}}},
+            # A failure's traceback stays in the Dagster run; the user gets its one line from us.
+            "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
         },
     )
 
@@ -442,7 +444,7 @@ def promotion_job_error(result, run_id: str) -> Exception:
     if error is None:
         return PromotionFailed(f"promotion of {run_id} failed before its step ran: see the Dagster run {result.run_id}")
     line = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
-    line = line.split(": ", 1)[1] if line.split(": ", 1)[0].endswith(error.cls_name or "") and ": " in line else line
+    line = line.removeprefix(f"{error.cls_name}: ").split(f".{error.cls_name}: ", 1)[-1]  # the module-qualified name too
     if error.cls_name in (PromotionRefused.__name__, "InvalidVersion", "DuplicateVersion"):
         return PromotionRefused(line)
     return PromotionFailed(f"promotion of {run_id} failed: {line}")

@@ -21,7 +21,8 @@ import pytest
 from pipeline_assets.driver import start_run
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
-from resources.registry import LocalRegistry
+from pipeline_assets.cli import main
+from resources.registry import LocalRegistry, VersionManifest
 from resources.run_store import LocalRunStore, RunStatus
 from tests.conftest import PINNED_SHA
 
@@ -153,3 +154,54 @@ def test_clean_during_a_run_leaves_the_running_run(tmp_path):
     finally:
         orchestrator.kill()
         orchestrator.join(timeout=30)
+
+
+# --- what current is, and a refusal from inside the promotion job --------------------------------
+def _register_elsewhere(registry: LocalRegistry, version: str) -> None:
+    registry.add(VersionManifest(version=version, created_at=datetime.now(timezone.utc), hf=None, gcs=None,
+                                 run_id="0.1.0_a1b2c3d4_20250101_000000", diagnostics_path="d", git_sha="s",
+                                 env_id=None, config_hash=None, tro_path="t", tro_sha256="h"))
+
+
+def test_current_moves_only_up_or_to_a_rollback(store, monkeypatch, capsys, tmp_path):
+    """A lower version is registered but leaves current where it was (and the command says so); a
+    rollback is an explicit choice and becomes current whatever its number."""
+    store, run_id = store
+    monkeypatch.setenv("PIPELINE_STORE", str(store.root))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    registry = LocalRegistry.in_store(store.root)
+    _register_elsewhere(registry, "9.0.0")
+    assert main(["promote", run_id, "--version", "3.0.0"]) == 0
+    assert "current stays 9.0.0: 3.0.0 is lower" in capsys.readouterr().out
+    assert registry.read().current == "9.0.0" and [e.version for e in registry.read().versions] == ["3.0.0", "9.0.0"]
+    assert main(["rollback", "--to", "3.0.0", "--as", "3.0.1"]) == 0
+    assert "current is 3.0.1" in capsys.readouterr().out
+    assert registry.read().current == "3.0.1"
+    _register_elsewhere(registry, "3.0.1-rc.1")  # a pre-release of the current version is lower
+    assert registry.read().current == "3.0.1"
+    _register_elsewhere(registry, "10.0.0")
+    assert registry.read().current == "10.0.0"
+
+
+def test_a_refusal_inside_the_promotion_job_reaches_the_user_as_its_line(store, monkeypatch, capsys, tmp_path):
+    """The CLI's own check passes; the asset's check under the lock refuses (the run failed in
+    between, as nothing can while the lock is held): one line, exit 2, nothing registered."""
+    from pipeline_assets import promotion
+
+    store, run_id = store
+    monkeypatch.setenv("PIPELINE_STORE", str(store.root))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    real_check, calls = promotion.check_promotable, []
+
+    def check_then_fail_the_run(*args, **kwargs):
+        calls.append(args)
+        staged = real_check(*args, **kwargs)
+        if len(calls) == 1:
+            store.update_meta(run_id, lambda m: setattr(m, "status", RunStatus.failed))
+        return staged
+
+    monkeypatch.setattr(promotion, "check_promotable", check_then_fail_the_run)
+    assert main(["promote", run_id, "--version", "3.2.0"]) == 2
+    err = capsys.readouterr().err
+    assert len(calls) == 2 and err == f"usdata-pipeline: error: run {run_id} is failed: only a completed run can be promoted\n"
+    assert LocalRegistry.in_store(store.root).read().versions == []
