@@ -109,9 +109,9 @@ def _factor(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
     if not 1 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"factor {text!r} must be a finite number greater than 1")
+        raise argparse.ArgumentTypeError(f"factor {value} must be greater than 1 (and finite)")
     return value
 
 
@@ -670,8 +670,6 @@ def _check_signing() -> None:
 
 def _check_run_ids(args: argparse.Namespace) -> None:
     """A run the command is about must exist and be readable (one line naming its meta.json if not)."""
-    if args.command == "status" and args.run_id is None:
-        return
     store = LocalRunStore()
     for name in RUN_ID_ARGUMENTS:
         run_id = getattr(args, name, None)

@@ -11,9 +11,11 @@ configured: its registry entry, its release TRO and the run's meta.json, in one 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from pydantic import BaseModel
 
@@ -35,6 +37,7 @@ from resources.publishers import Publisher
 from resources.registry import DuplicateVersion, LocalRegistry, RegistryBackend, VersionManifest, validate_version
 from resources.run_store import LocalRunStore, PromotionState, RunMeta, RunStatus, RunStoreError, utcnow
 
+Result = TypeVar("Result")
 STAGING_MANIFEST = "manifest.json"
 PRODUCTION = "production"
 KEPT_STATUSES = frozenset({RunStatus.running, RunStatus.promoted})  # clean never removes these
@@ -113,6 +116,18 @@ def read_staging(store: LocalRunStore, run_id: str) -> StagingManifest:
     return StagingManifest.model_validate_json(store.read_bytes(key))
 
 
+def under_release_lock(transition: Callable[..., Result]) -> Callable[..., Result]:
+    """`transition(store, ...)` run holding the store's release lock: its checks and its writes (the
+    registry, the run's meta.json) with no other promotion, rollback or clean in between."""
+
+    @functools.wraps(transition)
+    def locked(store: LocalRunStore, *args, **kwargs) -> Result:
+        with store.release_lock():
+            return transition(store, *args, **kwargs)
+
+    return locked
+
+
 def check_promotable(store: LocalRunStore, run_id: str, version: str, registry: RegistryBackend, allow_dirty: bool) -> StagingManifest:
     """Every refusal is a one-line PromotionRefused; nothing is written by a refusal."""
     validate_version(version)
@@ -140,6 +155,7 @@ def check_promotable(store: LocalRunStore, run_id: str, version: str, registry: 
     return staged
 
 
+@under_release_lock
 def promote(
     store: LocalRunStore,
     run_id: str,
@@ -153,17 +169,16 @@ def promote(
     in `ledger`, else the configured one). The store's release lock covers the checks through the
     registry write and the run's transition to promoted: of concurrent promotions of a run, or of
     one version, exactly one gets through and the others are refused by the checks."""
-    with store.release_lock():
-        staged = check_promotable(store, run_id, version, registry, allow_dirty)
-        ledger = ledger or configured_ledger(store.root)
-        files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
-        release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
-        if not release_tro.exists():
-            doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME)
-            write_bytes_atomic(release_tro, canonical_bytes(doc))
-        files[RELEASE_TRO] = release_tro
-        return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
-                                    tro_sha256=staged.files[TRO_NAME], ledger=ledger)
+    staged = check_promotable(store, run_id, version, registry, allow_dirty)
+    ledger = ledger or configured_ledger(store.root)
+    files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
+    release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
+    if not release_tro.exists():
+        doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME)
+        write_bytes_atomic(release_tro, canonical_bytes(doc))
+    files[RELEASE_TRO] = release_tro
+    return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
+                                tro_sha256=staged.files[TRO_NAME], ledger=ledger)
 
 
 def publish_and_register(
@@ -235,6 +250,7 @@ def release_record_files(store: LocalRunStore, entry: VersionManifest, release_t
     return files
 
 
+@under_release_lock
 def rollback(
     store: LocalRunStore,
     to_version: str,
@@ -246,21 +262,20 @@ def rollback(
 ) -> VersionManifest:
     """A rollback is a release: `as_version` publishes exactly the files of `to_version` (and is
     recorded in `ledger`, else the configured one)."""
-    with store.release_lock():
-        validate_version(as_version)
-        versions = {entry.version: entry for entry in registry.read().versions}
-        if to_version not in versions:
-            raise PromotionRefused(f"cannot roll back to {to_version}: it is not in the registry")
-        if as_version in versions:
-            raise PromotionRefused(f"version {as_version} is already in the registry: versions are never rewritten")
-        source = production_root / to_version
-        if not source.is_dir():
-            raise PromotionRefused(f"cannot roll back to {to_version}: its files are not at {source}")
-        ledger = ledger or configured_ledger(store.root)
-        files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*")) if p.is_file()}
-        old = versions[to_version]
-        return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
-                                    tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger)
+    validate_version(as_version)
+    versions = {entry.version: entry for entry in registry.read().versions}
+    if to_version not in versions:
+        raise PromotionRefused(f"cannot roll back to {to_version}: it is not in the registry")
+    if as_version in versions:
+        raise PromotionRefused(f"version {as_version} is already in the registry: versions are never rewritten")
+    source = production_root / to_version
+    if not source.is_dir():
+        raise PromotionRefused(f"cannot roll back to {to_version}: its files are not at {source}")
+    ledger = ledger or configured_ledger(store.root)
+    files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*")) if p.is_file()}
+    old = versions[to_version]
+    return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
+                                tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger)
 
 
 def referenced_runs(store: LocalRunStore, registries: list[RegistryBackend]) -> set[str]:
@@ -278,6 +293,7 @@ def referenced_runs(store: LocalRunStore, registries: list[RegistryBackend]) -> 
     return referenced
 
 
+@under_release_lock
 def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[str]:
     """Remove runs beyond the newest `keep` that are neither running nor promoted and that no registry
     (the configured one and the store's own) or production/ refers to; return their ids. Under the
@@ -285,23 +301,22 @@ def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[st
     unreadable, or empty while production/ holds versions or a run is promoted."""
     if keep < 0:
         raise ValueError(f"--keep {keep}: expected a number of runs >= 0")
-    with store.release_lock():
-        # settle_orphans(store)  # MERGE: the crash engineer's settlement, so a dead orchestrator's run is failed, not running
-        registries = [registry] + ([] if isinstance(registry, LocalRegistry) else [LocalRegistry.in_store(store.root)])
-        runs = store.list_runs()
-        published = sorted(p.name for p in store.path(PRODUCTION).iterdir()) if store.path(PRODUCTION).is_dir() else []
-        promoted = [m.run_id for m in runs if m.status is RunStatus.promoted]
-        if (published or promoted) and not any(r.read().versions for r in registries):
-            shown = f"production/ holds {', '.join(published)}" if published else f"run {promoted[0]} is promoted"
-            raise CleanRefused(f"the version registry is missing or empty while {shown}: nothing removed")
-        referenced = referenced_runs(store, registries)
+    # settle_orphans(store)  # MERGE: the crash engineer's settlement, so a dead orchestrator's run is failed, not running
+    registries = [registry] + ([] if isinstance(registry, LocalRegistry) else [LocalRegistry.in_store(store.root)])
+    runs = store.list_runs()
+    published = sorted(p.name for p in store.path(PRODUCTION).iterdir()) if store.path(PRODUCTION).is_dir() else []
+    promoted = [m.run_id for m in runs if m.status is RunStatus.promoted]
+    if (published or promoted) and not any(r.read().versions for r in registries):
+        shown = f"production/ holds {', '.join(published)}" if published else f"run {promoted[0]} is promoted"
+        raise CleanRefused(f"the version registry is missing or empty while {shown}: nothing removed")
+    referenced = referenced_runs(store, registries)
 
-        def removable(meta: RunMeta) -> bool:
-            return meta.status not in KEPT_STATUSES and meta.run_id not in referenced
+    def removable(meta: RunMeta) -> bool:
+        return meta.status not in KEPT_STATUSES and meta.run_id not in referenced
 
-        candidates = [m.run_id for m in runs[: max(len(runs) - keep, 0)] if removable(m)]
-        removed = [run_id for run_id in candidates if store.remove_run(run_id, removable)]
-        for run_id in removed:
-            shutil.rmtree(store.path(staging_key(run_id)), ignore_errors=True)
-            shutil.rmtree(store.path(f"{LINEAGE_DIR}/{run_id}"), ignore_errors=True)
+    candidates = [m.run_id for m in runs[: max(len(runs) - keep, 0)] if removable(m)]
+    removed = [run_id for run_id in candidates if store.remove_run(run_id, removable)]
+    for run_id in removed:
+        shutil.rmtree(store.path(staging_key(run_id)), ignore_errors=True)
+        shutil.rmtree(store.path(f"{LINEAGE_DIR}/{run_id}"), ignore_errors=True)
     return removed

@@ -244,9 +244,9 @@ CASES = [
     ("timeline-metric-text", None, {}, ["timeline", "sha", "--by", "config_hash"], "'sha' is not a number"),
     ("timeline-by-unknown", None, {}, ["timeline", METRIC, "--by", "colour"], "'colour'"),
     ("timeline-by-empty", None, {}, ["timeline", METRIC, "--by", ""], "'' is not FIELD"),
-    ("timeline-factor-one", None, {}, ["timeline", METRIC, "--by", "config_hash", "--factor", "1"], "factor '1'"),
-    ("timeline-factor-nan", None, {}, ["timeline", METRIC, "--by", "config_hash", "--factor", "nan"], "factor 'nan'"),
-    ("timeline-factor-inf", None, {}, ["timeline", METRIC, "--by", "config_hash", "--factor", "inf"], "factor 'inf'"),
+    ("timeline-factor-one", None, {}, ["timeline", METRIC, "--by", "config_hash", "--factor", "1"], "factor 1.0 must be greater than 1"),
+    ("timeline-factor-nan", None, {}, ["timeline", METRIC, "--by", "config_hash", "--factor", "nan"], "factor nan"),
+    ("timeline-factor-inf", None, {}, ["timeline", METRIC, "--by", "config_hash", "--factor", "inf"], "factor inf"),
     ("timeline-factor-word", None, {}, ["timeline", METRIC, "--by", "config_hash", "--factor", "big"], "'big'"),
     ("timeline-output-not-png", None, {}, ["timeline", METRIC, "--by", "config_hash", "--output", "{absent}/t.png"], "--output"),
     ("timeline-output-directory", None, {}, ["timeline", METRIC, "--by", "config_hash", "--format", "png", "--output", "{notes}"], "{notes}"),
@@ -407,3 +407,50 @@ def test_clean_keeps_what_production_or_any_registry_names(world, tmp_path):
     other.add(VersionManifest(version="1.0.1", run_id=in_other_registry, **entry))
     assert clean(store, other, keep=0) == [unnamed]
     assert {m.run_id for m in store.list_runs()} == {named_by_production, promoted, running, in_other_registry}
+
+
+@pytest.mark.reliability("bad_input")
+def test_a_variable_read_at_import_time_is_refused_before_the_import(tmp_path):
+    """PIPELINE_WATCH_SCALE is read when the definitions are imported: a real process, so the import is fresh."""
+    import sys
+
+    env = {**os.environ, "PIPELINE_WATCH_SCALE": "huge", "PIPELINE_STORE": str(tmp_path / "store"),
+           "DAGSTER_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-m", "pipeline_assets.cli", "versions"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == ["usdata-pipeline: error: PIPELINE_WATCH_SCALE='huge': expected one of tiny, small, reference, large"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dagster_home_checks_before_it_creates_anything(world, monkeypatch):
+    from pipeline_assets.launch import dagster_home
+
+    for bad in (world["paths"]["file"], world["paths"]["yaml_broken"], world["paths"]["locked"] / "home"):
+        monkeypatch.setenv("DAGSTER_HOME", str(bad))
+        before = snapshot(world["paths"]["root"])
+        with pytest.raises(ValueError, match=str(bad)):
+            dagster_home()
+        assert snapshot(world["paths"]["root"]) == before
+
+
+def test_a_sha_is_never_recorded_as_a_branch(tmp_path):
+    from resources.git import code_state
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q", "-b", "trunk")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "--allow-empty", "-m", "one")
+    git("branch", "feature")
+    sha = git("rev-parse", "HEAD")
+    for ref in (sha, sha[:7], sha[:4]):
+        assert code_state(tmp_path, ref).branch == "trunk"  # the checkout's branch, never the SHA
+    assert code_state(tmp_path, "feature").branch == "feature"
+
+
+def test_urls_echoed_anywhere_lose_their_credentials_and_query_strings():
+    from resources.ledger import redact
+
+    shown = redact(f"push to https://ops:{SECRET}@example.org/l.git?token={SECRET}#main failed; retry later?")
+    assert SECRET not in shown
+    assert shown == "push to https://***@example.org/l.git?***#main failed; retry later?"
