@@ -454,3 +454,17 @@ def test_urls_echoed_anywhere_lose_their_credentials_and_query_strings():
     shown = redact(f"push to https://ops:{SECRET}@example.org/l.git?token={SECRET}#main failed; retry later?")
     assert SECRET not in shown
     assert shown == "push to https://***@example.org/l.git?***#main failed; retry later?"
+
+
+@pytest.mark.reliability("bad_input")
+def test_an_unreadable_gcs_registry_is_named_and_never_written_over(gcs_client, gcs_bucket):
+    from resources.registry import GcsRegistry, RegistryError, VersionManifest
+
+    gcs_bucket.blob("version_manifest.json").upload_from_string(b'{"current": "1.0.0", "versions": [')
+    generation = gcs_bucket.get_blob("version_manifest.json").generation
+    registry = GcsRegistry(gcs_client, gcs_bucket.name)
+    with pytest.raises(RegistryError, match=f"^unreadable registry gs://{gcs_bucket.name}/version_manifest.json: ") as unreadable:
+        registry.add(VersionManifest(version="1.0.1", created_at=datetime.now(timezone.utc), hf=None, gcs=None, run_id="r",
+                                     diagnostics_path="d", git_sha="s", env_id=None, config_hash=None, tro_path="t", tro_sha256="h"))
+    assert "\n" not in str(unreadable.value)
+    assert gcs_bucket.get_blob("version_manifest.json").generation == generation
