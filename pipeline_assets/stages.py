@@ -249,7 +249,7 @@ class RawInputChanged(RuntimeError):
     """A raw input's bytes changed while a step read it."""
 
 
-def read_raw_inputs(step: str) -> dict[str, str]:
+def hash_raw_inputs(step: str) -> dict[str, str]:
     """{"raw_inputs/NAME": sha256} of the raw inputs `step` reads, as their bytes are now."""
     return {f"{geography.RAW_INPUTS_PREFIX}/{name}": digest
             for name, digest in sorted(geography.raw_input_sha256(STEP_RAW_INPUTS.get(step, ())).items())}
@@ -257,7 +257,7 @@ def read_raw_inputs(step: str) -> dict[str, str]:
 
 def check_raw_inputs_unchanged(step: str, read: dict[str, str]) -> None:
     """Fail the step when a raw input it hashed at its start has other bytes at its end."""
-    now = read_raw_inputs(step)
+    now = hash_raw_inputs(step)
     for rel, digest in read.items():
         if now.get(rel) != digest:
             raise RawInputChanged(
@@ -278,7 +278,7 @@ def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, out
             raise FileNotFoundError(f"step {step} of run {run_id} needs {upstream}, which has not run")
         inputs[upstream] = record.outputs_digest()
     identity = env_id(env)
-    raw_inputs = read_raw_inputs(step)
+    raw_inputs = hash_raw_inputs(step)
     return StepRecord(
         step=step,
         reuse_key=reuse_key(step, CODE_VERSIONS[step], identity, section_hash, inputs, raw_inputs),

@@ -10,6 +10,7 @@ fingerprint's hash under `trov:hash`, performances bound to arrangements through
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -185,7 +186,7 @@ def mime_type(path: str) -> str:
     return MIME_TYPES.get(Path(path).suffix, "application/octet-stream")
 
 
-def raw_inputs_read(run_id: str, records: list[StepRecord]) -> dict[str, str]:
+def raw_inputs_of(run_id: str, records: list[StepRecord]) -> dict[str, str]:
     """{"raw_inputs/<name>": sha256} of the raw input bytes the run's steps read, from their records.
     Two steps that read different bytes under one name cannot be described by one arrangement: refused."""
     read: dict[str, tuple[str, str]] = {}
@@ -279,7 +280,7 @@ def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None, 
     records = [record for step in STEP_ORDER if (record := read_record(store, run_id, step)) is not None]
     records += rebuild_records(store, run_id)  # backfills of a completed run, after its own steps
     composition, arrangements = _compose({
-        INPUTS_ID: ("raw inputs the steps read (paths relative to pipeline_assets/data/)", raw_inputs_read(run_id, records)),
+        INPUTS_ID: ("raw inputs the steps read (paths relative to pipeline_assets/data/)", raw_inputs_of(run_id, records)),
         OUTPUTS_ID: (f"files of run {run_id} (paths relative to runs/{run_id}/)", run_files(store, run_id, records)),
     })
     tro = TransparentResearchObject(
@@ -433,6 +434,7 @@ class VerifyReport(BaseModel):
         return self.problems + [f"{m.path}: expected sha256 {m.expected}, found {m.found}" for m in self.mismatches]
 
 
+@functools.lru_cache(maxsize=16)
 def key_fingerprints(armored_key: str, gnupg_home: str | None = None) -> frozenset[str]:
     """The fingerprints (primary key and subkeys) of an armored public key, read without importing it."""
     result = subprocess.run(
@@ -458,8 +460,11 @@ def check_signature(
         return "bad" if any(line.startswith("[GNUPG:] BADSIG") for line in status) else "unverifiable"
     if signer_key is None:
         return "ok"
-    # VALIDSIG <signing key fpr> ... <primary key fpr>
-    signed_by = {field for line in status if line.startswith("[GNUPG:] VALIDSIG") for field in line.split()[2:3] + line.split()[-1:]}
+    signed_by = set()
+    for line in status:
+        if line.startswith("[GNUPG:] VALIDSIG"):  # VALIDSIG <signing key fpr> ... <primary key fpr>
+            fields = line.split()
+            signed_by |= {fields[2], fields[-1]}
     return "ok" if signed_by & key_fingerprints(signer_key, gnupg_home) else "other key"
 
 
@@ -489,6 +494,7 @@ class ChainCheck(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     revisions: list[Path]
     readable: list[TransparentResearchObject]  # the revisions that parsed, in order
+    fingerprints_ok: bool  # of every readable revision
     problems: list[str]
     signature: SignatureStatus | None
 
@@ -502,6 +508,7 @@ def check_chain(store: LocalRunStore, run_id: str, gnupg_home: str | None = None
     problems = [] if revisions else [f"no TRO: runs/{run_id}/{TRO_NAME} does not exist"]
     readable, parsed = [], {}
     previous: str | None = None
+    fingerprints_ok = True
     for path in revisions:
         try:
             parsed[path] = tro = read_tro(path)
@@ -510,6 +517,7 @@ def check_chain(store: LocalRunStore, run_id: str, gnupg_home: str | None = None
         else:
             readable.append(tro)
             if (problem := _fingerprint_problem(path.name, tro)) is not None:
+                fingerprints_ok = False
                 problems.append(problem)
             if tro.previous_revision != previous:
                 problems.append(f"{path.name}: names {tro.previous_revision or 'no'} previous revision, but the one "
@@ -520,19 +528,20 @@ def check_chain(store: LocalRunStore, run_id: str, gnupg_home: str | None = None
                  for p in sorted(run_dir.glob(f"{TRO_PREFIX}*")) if p.name not in chained]
     keys = [tro.assembled_by.public_key for tro in readable if tro.assembled_by.public_key]
     signed = bool(keys) or any(path.with_name(path.name + SIGNATURE_SUFFIX).is_file() for path in revisions)
-    statuses = []
-    for path in revisions if signed else ():
+    worst: SignatureStatus | None = "ok" if signed else None
+    for path in revisions if signed else []:
         named = parsed[path].assembled_by.public_key if path in parsed else None
         if named and named != keys[0]:
             problems.append(f"{path.name}: names another signing key than the run's first signed revision")
         signature = path.with_name(path.name + SIGNATURE_SUFFIX)
-        status = check_signature(path, signature, gnupg_home, named or (keys[0] if keys else None)) \
-            if signature.is_file() else "missing"
-        statuses.append(status)
+        status = "missing"
+        if signature.is_file():
+            status = check_signature(path, signature, gnupg_home, named or (keys[0] if keys else None))
         if status != "ok":
+            worst = status if worst == "ok" else worst
             problems.append(f"{path.name}: signature {status} ({signature.name}); the run was signed")
-    worst = next((status for status in statuses if status != "ok"), "ok") if signed else None
-    return ChainCheck(revisions=revisions, readable=readable, problems=problems, signature=worst)
+    return ChainCheck(revisions=revisions, readable=readable, fingerprints_ok=fingerprints_ok, problems=problems,
+                      signature=worst)
 
 
 class _Rehasher:
@@ -562,7 +571,7 @@ def verify_run(store: LocalRunStore, run_id: str, gnupg_home: str | None = None)
     chain = check_chain(store, run_id, gnupg_home)
     report = VerifyReport(
         run_id=run_id, tro=chain.revisions[-1].name if chain.revisions else None, revisions_checked=len(chain.revisions),
-        fingerprint_ok=bool(chain.readable) and all(_fingerprint_problem("", tro) is None for tro in chain.readable),
+        fingerprint_ok=bool(chain.readable) and chain.fingerprints_ok,
         signature=chain.signature, problems=list(chain.problems),
     )
     roots = {INPUTS_ID: raw_inputs_dir().parent, OUTPUTS_ID: store.path(store.run_key(run_id))}

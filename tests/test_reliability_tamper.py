@@ -429,3 +429,24 @@ def test_verify_refuses_bad_arguments_in_one_line(argv, fragment, released, tmp_
     store = copy_store(source, tmp_path)
     status, out, err = cli(monkeypatch, capsys, store, *argv)
     assert status == 2 and out == [] and len(err) == 1 and fragment in err[0], err
+
+
+def test_a_publish_interrupted_mid_copy_leaves_nothing_in_the_release(sealed, tmp_path, monkeypatch):
+    """The local publisher copies outside the release folder and links a file in only when whole, so
+    a promotion killed mid-copy leaves no temporary file in production/{version}/."""
+    import resources.publishers as publishers
+
+    source, run_id, _ = sealed
+    store = copy_store(source, tmp_path)
+    copies = []
+
+    def interrupted_copy(src, dst):
+        copies.append(Path(dst))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publishers.shutil, "copyfile", interrupted_copy)
+    with pytest.raises(KeyboardInterrupt):
+        promote(store, run_id, "1.0.0", *local_backends(store))
+    [partial] = copies
+    assert not partial.is_relative_to(production(store, "1.0.0"))
+    assert not [p for p in production(store, "1.0.0").rglob("*") if p.is_file()]
