@@ -192,9 +192,34 @@ def signature_by_another_key(store, run_id, keyring):
     path.with_name(path.name + SIGNATURE_SUFFIX).write_bytes(GpgSigner(OTHER_KEY, keyring).sign(path.read_bytes()))
 
 
+def flip_area_file(store, run_id, keyring):
+    flip_byte(run_file(store, run_id, "h5s/national/US.h5"))
+
+
+def edit_earlier_revision(store, run_id, keyring):
+    """A signed v2 beside v1, then v1 edited: the latest revision alone would still verify."""
+    write_tro(store, run_id, GpgSigner(KEY, keyring))
+    edit_tro_hash(store, run_id, keyring)
+
+
+def swap_revisions(store, run_id, keyring):
+    """Two signed revisions exchanged, each with its own signature: only the chain's order tells."""
+    write_tro(store, run_id, GpgSigner(KEY, keyring))
+    first, second = tro_revisions(store, run_id)
+    for suffix in ("", SIGNATURE_SUFFIX):
+        a, b = first.with_name(first.name + suffix), second.with_name(second.name + suffix)
+        data = a.read_bytes()
+        a.write_bytes(b.read_bytes())
+        b.write_bytes(data)
+
+
 RUN_TAMPERS = {
-    # class: (tamper, a fragment of verify's line, the steps a next run must not reuse (None: all))
+    # class: (tamper, a fragment of verify's line, the steps (or step:part) a next run must not reuse
+    # from the tampered run (None: none at all))
     "artifact byte flipped": (flip_artifact, "artifacts/policy_data.db: expected sha256", ("policy_data_db",)),
+    "area file flipped": (flip_area_file, "h5s/national/US.h5: expected sha256", ("local_areas:national",)),
+    "earlier revision edited": (edit_earlier_revision, "trace.tro.jsonld: fingerprint", None),
+    "revisions swapped": (swap_revisions, "the chain was re-ordered or forged", None),
     "weights and record replaced": (replace_weights_and_their_record, "artifacts/state_weights.npy: expected sha256",
                                     ("state_weights",)),
     "TRO hash edited": (edit_tro_hash, "the TRO was edited", None),
@@ -223,9 +248,13 @@ def test_a_tampered_run_fails_verify_and_is_neither_reused_nor_promoted(name, se
     assert not store.path("production").exists() and not store.path("version_manifest.json").exists()
 
     meta, _ = run_release(store, CONFIG, CODE, running_sha=PINNED_SHA)
-    for step in not_reused or stages.STEP_ORDER:
+    for refused in not_reused or stages.STEP_ORDER:
+        step, _, part = refused.partition(":")
         record = read_record(store, meta.run_id, step)
-        assert record.reused_from != run_id and run_id not in record.reused_parts.values(), step
+        if part:
+            assert record.reused_parts.get(part) != run_id, refused
+        else:
+            assert record.reused_from != run_id and run_id not in record.reused_parts.values(), refused
     if not_reused is None:
         assert all(timing.reused_from != run_id and run_id not in timing.reused_parts.values()
                    for timing in meta.step_timings.values())
