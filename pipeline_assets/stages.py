@@ -12,7 +12,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Generator, Iterator
 
-from pipeline_assets.step_graph import STEP_INPUTS, STEP_ORDER
+from pipeline_assets.step_graph import STEP_INPUTS, STEP_ORDER  # stages.STEP_ORDER: the name the rest of the package uses
 from pipeline_assets.steps import database, datasets, geography
 from pipeline_assets.steps.calibration import build_calibration_package
 from pipeline_assets.steps.config import FitConfig, RunConfig

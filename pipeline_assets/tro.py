@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationEr
 from pipeline_assets.identity import package_version
 from pipeline_assets.reuse import StepRecord, files_verify, read_record, rebuild_records
 from pipeline_assets.step_graph import STEP_ORDER
-from pipeline_assets.steps.geography import RAW_INPUTS_PREFIX, raw_inputs_dir
+from pipeline_assets.steps.geography import raw_inputs_dir
 from resources.files import sha256_file
 from resources.run_store import SEALED, LocalRunStore, RunStoreError, StepTiming, utcnow
 
