@@ -158,8 +158,10 @@ def build_parser() -> OneLineParser:
     clean = commands.add_parser("clean", help="remove old runs that no registry entry references")
     clean.add_argument("--keep", type=_int_at_least(0), required=True, help="how many of the newest runs to keep")
 
-    verify = commands.add_parser("verify", help="re-hash a run's files against its TRO and check its signature")
-    verify.add_argument("run_id", type=_run_id)
+    verify = commands.add_parser("verify", help="re-hash a run's files against every TRO revision and check its signatures, "
+                                                "or a released version's production copy against its release TRO")
+    verify.add_argument("run_id", nargs="?", type=_run_id)
+    verify.add_argument("--release", metavar="VERSION", type=_version, help="verify this promoted version's production copy instead of a run")
 
     reproduce = commands.add_parser("reproduce", help="re-run a completed run at its SHA and config; compare the bytes")
     reproduce.add_argument("run_id", type=_run_id)
@@ -322,15 +324,27 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when it verifies, 1 with one line per problem when it does not."""
+    from pipeline_assets.promotion import verify_production
     from pipeline_assets.tro import verify_run
 
-    parse_run_id(args.run_id)
-    report = verify_run(LocalRunStore(), args.run_id)
+    if (args.run_id is None) == (args.release is None):
+        raise CliError("verify takes a run_id or --release VERSION (exactly one)")
+    store = LocalRunStore()
+    if args.release is not None:
+        validate_version(args.release)
+        versions = {entry.version: entry for entry in _backends().registry_backend(store).read().versions}
+        if args.release not in versions:
+            raise CliError(f"--release {args.release}: not a registered version (see usdata-pipeline versions)")
+        subject, report = f"release {args.release}", verify_production(store, versions, args.release, store.root / "production")
+    else:
+        parse_run_id(args.run_id)
+        subject, report = args.run_id, verify_run(store, args.run_id)
     if report.ok:
-        print(f"OK {args.run_id}: {report.artifacts_checked} artifacts verified")
+        print(f"OK {subject}: {report.artifacts_checked} artifacts verified")
         return 0
     for line in report.lines():
-        print(f"FAILED {args.run_id}: {line}")
+        print(f"FAILED {subject}: {line}")
     return 1
 
 

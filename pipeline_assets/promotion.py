@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, TypeVar
 
 from pydantic import BaseModel
@@ -22,11 +22,16 @@ from pydantic import BaseModel
 from pipeline_assets import stages
 from pipeline_assets.reuse import read_record
 from pipeline_assets.tro import (
+    RELEASE_ARRANGEMENT_ID,
     TRO_NAME,
+    VerifyReport,
     build_release_tro,
     canonical_bytes,
+    located,
+    read_tro,
     signer_from_environment,
     tro_revisions,
+    verify_release,
     verify_run,
     write_tro,
 )
@@ -71,6 +76,10 @@ class StagingManifest(BaseModel):
 
 
 def release_path(run_rel: str) -> str | None:
+    """Where a file of the run goes in a release; None for a file no release publishes (a hidden or
+    temporary name, like an interrupted write's, never is)."""
+    if PurePosixPath(run_rel).name.startswith(".") or run_rel.endswith(".tmp"):
+        return None
     for prefix, target in PUBLISHED.items():
         if run_rel == prefix or (prefix.endswith("/") and run_rel.startswith(prefix)):
             return target + run_rel.removeprefix(prefix) if prefix.endswith("/") else target
@@ -260,8 +269,8 @@ def rollback(
     production_root: Path,
     ledger: GitLedger | None = None,
 ) -> VersionManifest:
-    """A rollback is a release: `as_version` publishes exactly the files of `to_version` (and is
-    recorded in `ledger`, else the configured one)."""
+    """A rollback is a release: `as_version` publishes exactly the files of `to_version` its release
+    TRO lists (and is recorded in `ledger`, else the configured one), once that copy verifies."""
     validate_version(as_version)
     versions = {entry.version: entry for entry in registry.read().versions}
     if to_version not in versions:
@@ -271,13 +280,43 @@ def rollback(
     source = production_root / to_version
     if not source.is_dir():
         raise PromotionRefused(f"cannot roll back to {to_version}: its files are not at {source}")
+    report = verify_production(store, versions, to_version, production_root)
+    if not report.ok:
+        raise PromotionRefused(f"cannot roll back to {to_version}: its production copy does not verify: {report.lines()[0]}")
     ledger = ledger or configured_ledger(store.root)
-    files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*")) if p.is_file()}
+    listed = release_files(store, versions, to_version)
+    files = {rel: source / rel for rel in sorted(listed)}
     old = versions[to_version]
     return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
                                 tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger)
 
 
+def release_tro_path(store: LocalRunStore, versions: dict[str, VersionManifest], version: str) -> Path:
+    """The store's release TRO of `version`: a rollback publishes the TRO of the release it rolls
+    back to, so follow roll_back_version to the promotion that wrote one."""
+    while (entry := versions[version]).roll_back_version is not None and entry.roll_back_version in versions:
+        version = entry.roll_back_version
+    return store.path(f"releases/{version}/{RELEASE_TRO}")
+
+
+def release_files(store: LocalRunStore, versions: dict[str, VersionManifest], version: str) -> list[str]:
+    """The paths a published copy of `version` holds: what its release TRO lists, and that TRO."""
+    tro_path = release_tro_path(store, versions, version)
+    return [*located(read_tro(tro_path), RELEASE_ARRANGEMENT_ID), RELEASE_TRO]
+
+
+def verify_production(
+    store: LocalRunStore, versions: dict[str, VersionManifest], version: str, production_root: Path
+) -> VerifyReport:
+    """The production copy of a registered version (production_root/{version}/) against its release
+    TRO and the run TRO its registry entry names."""
+    entry = versions[version]
+    return verify_release(production_root / version, release_tro_path(store, versions, version), entry.run_id,
+                          entry.tro_sha256)
+
+
+def referenced_runs(registry: RegistryBackend) -> set[str]:
+    return {entry.run_id for entry in registry.read().versions}
 def referenced_runs(store: LocalRunStore, registries: list[RegistryBackend]) -> set[str]:
     """Every run a registry entry names or a TRO under production/{version}/ names (a release's TRO
     and the run TRO it publishes). A file there that cannot be read refuses: clean cannot tell

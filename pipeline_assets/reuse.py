@@ -1,9 +1,11 @@
 """Step records and step reuse.
 
 Each step of a run leaves runs/{run_id}/steps/{step}.json: its reuse key (step code version, env_id,
-step config, input hashes), the sha256 of every file it wrote, its figures and its environment. A
-later step whose key matches an earlier run's record, and whose files still verify, takes those files
-(hard links: a run's files are never rewritten, so sharing an inode is safe) instead of recomputing.
+step config, input hashes, the hashes of the raw inputs it read), the sha256 of every file it wrote,
+its figures and its environment. A later step whose key matches an earlier run's record takes that
+run's files (hard links: a run's files are never rewritten, so sharing an inode is safe) instead of
+recomputing, but only where a `Lender` vouches for them: the step record and the files are what the
+source run's own TRO sealed, and the bytes still hash to it.
 A step made of independent parts (the area files: the local areas read the state weights, the
 national file the national weights) also records a key per part, and reuses part by part.
 """
@@ -13,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from pydantic import BaseModel, Field
 
 from resources.files import link_or_copy, sha256_file
-from resources.run_store import LocalRunStore, RunStoreError, read_model, utcnow
+from resources.run_store import LocalRunStore, RunStoreError, UnreadableRecord, parse_model, utcnow
 
 
 class StepRecord(BaseModel):
@@ -28,6 +30,7 @@ class StepRecord(BaseModel):
     env_id: str
     config_hash: str
     inputs: dict[str, str]  # upstream step -> digest of its outputs
+    raw_inputs: dict[str, str] = Field(default_factory=dict)  # "raw_inputs/NAME" -> sha256 of the bytes read
     outputs: dict[str, str]  # path relative to the run directory -> sha256
     figures: dict[str, float | int] = Field(default_factory=dict)
     reuse: str = "computed"  # computed | reused | rebuilt (a verified backfill of a completed run)
@@ -65,14 +68,26 @@ def rebuild_records(store: LocalRunStore, run_id: str) -> list[StepRecord]:
     return sorted(records, key=lambda r: r.ended_at)
 
 
-def reuse_key(step: str, code_version: str, env_id: str, config_hash: str, inputs: dict[str, str]) -> str:
-    payload = {"step": step, "code": code_version, "env": env_id, "config": config_hash, "inputs": inputs}
+def reuse_key(
+    step: str, code_version: str, env_id: str, config_hash: str, inputs: dict[str, str], raw_inputs: dict[str, str]
+) -> str:
+    payload = {"step": step, "code": code_version, "env": env_id, "config": config_hash, "inputs": inputs,
+               "raw_inputs": raw_inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def read_record(store: LocalRunStore, run_id: str, step: str) -> StepRecord | None:
+    found = _read_record_bytes(store, run_id, step)
+    return _parse_record(store, run_id, step, found) if found is not None else None
+
+
+def _parse_record(store: LocalRunStore, run_id: str, step: str, data: bytes) -> StepRecord:
+    return parse_model(data, store.path(store.run_key(run_id, record_key(step))), StepRecord)
+
+
+def _read_record_bytes(store: LocalRunStore, run_id: str, step: str) -> bytes | None:
     key = store.run_key(run_id, record_key(step))
-    return read_model(store.path(key), StepRecord) if store.exists(key) else None
+    return store.read_bytes(key) if store.exists(key) else None
 
 
 def write_record(store: LocalRunStore, run_id: str, record: StepRecord, name: str | None = None) -> None:
@@ -95,31 +110,45 @@ def verifies(store: LocalRunStore, run_id: str, record: StepRecord) -> bool:
     return files_verify(store, run_id, record.outputs)
 
 
-def _earlier_records(store: LocalRunStore, run_id: str, step: str) -> Iterator[tuple[str, StepRecord]]:
-    """(run_id, record of `step`) of every other run, newest first."""
+class Lender(Protocol):
+    """Vouches for an earlier run's files before they are reused (tro.SealedRunLender)."""
+
+    def lends(self, run_id: str, files: dict[str, str]) -> bool:
+        """Whether `files` (path in the run -> sha256) of `run_id` may be reused."""
+
+
+def _earlier_records(store: LocalRunStore, run_id: str, step: str) -> Iterator[tuple[str, StepRecord, dict[str, str]]]:
+    """(run_id, record of `step`, {the record's path: the sha256 of its bytes}) of every other run, newest first."""
     for meta in reversed(store.list_runs()):
-        if meta.run_id != run_id and (record := read_record(store, meta.run_id, step)) is not None:
-            yield meta.run_id, record
+        if meta.run_id == run_id or (data := _read_record_bytes(store, meta.run_id, step)) is None:
+            continue
+        try:
+            record = _parse_record(store, meta.run_id, step, data)
+        except UnreadableRecord:  # another run's broken record is not reusable; it affects only that run
+            continue
+        yield meta.run_id, record, {record_key(step): hashlib.sha256(data).hexdigest()}
 
 
-def find_reusable(store: LocalRunStore, run_id: str, step: str, key: str) -> tuple[str, StepRecord] | None:
-    """The newest other run whose record of `step` has this key and whose files still verify."""
-    for source, record in _earlier_records(store, run_id, step):
-        if record.reuse_key == key and verifies(store, source, record):
+def find_reusable(store: LocalRunStore, run_id: str, step: str, key: str, lender: Lender) -> tuple[str, StepRecord] | None:
+    """The newest other run whose record of `step` has this key and for whose record and files
+    `lender` vouches."""
+    for source, record, record_file in _earlier_records(store, run_id, step):
+        if record.reuse_key == key and lender.lends(source, record_file | record.outputs):
             return source, record
     return None
 
 
 def find_reusable_part(
-    store: LocalRunStore, run_id: str, step: str, part: str, key: str, paths: list[str]
+    store: LocalRunStore, run_id: str, step: str, part: str, key: str, paths: list[str], lender: Lender
 ) -> tuple[str, StepRecord, dict[str, str]] | None:
     """The newest other run whose record of `step` made `part` with this key and holds every one of
-    the part's `paths` (a partial rebuild may not), with their sha256s; its files must still verify."""
-    for source, record in _earlier_records(store, run_id, step):
+    the part's `paths` (a partial rebuild may not), with their sha256s; `lender` vouches for the
+    record and those files (only those are re-hashed)."""
+    for source, record, record_file in _earlier_records(store, run_id, step):
         if record.part_keys.get(part) != key or not all(rel in record.outputs and rel in record.output_figures for rel in paths):
             continue
         files = {rel: record.outputs[rel] for rel in paths}
-        if files_verify(store, source, files):
+        if lender.lends(source, record_file | files):
             return source, record, files
     return None
 

@@ -12,7 +12,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Generator, Iterator
 
-from pipeline_assets.steps import geography
+from pipeline_assets.step_graph import STEP_INPUTS, STEP_ORDER  # stages.STEP_ORDER: the name the rest of the package uses
+from pipeline_assets.steps import database, datasets, geography
 from pipeline_assets.steps.calibration import build_calibration_package
 from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.database import build_database
@@ -35,6 +36,7 @@ from pipeline_assets.reuse import (
     verifies,
     write_record,
 )
+from pipeline_assets.tro import SealedRunLender
 from resources.compute import LocalPool
 from resources.runtime import RuntimeEnvironment
 from resources.run_store import SEALED, LocalRunStore, RunStoreError, utcnow
@@ -66,15 +68,14 @@ STEP_SOURCES = {
     "run_diagnostics": ("pipeline_assets.steps.diagnostics",),
 }
 CODE_VERSIONS = {step: code_version(*modules) for step, modules in STEP_SOURCES.items()}
-# Upstream steps whose outputs are a step's inputs.
-STEP_INPUTS = {
-    "policy_data_db": (),
-    "source_datasets": (),
-    "calibration_package": ("policy_data_db", "source_datasets"),
-    "state_weights": ("calibration_package",),
-    "national_weights": ("calibration_package",),
-    "local_areas": ("source_datasets", "calibration_package", "state_weights", "national_weights"),
-    "run_diagnostics": ("calibration_package", "state_weights", "national_weights"),
+# The packaged raw inputs each step reads (pipeline_assets/data/raw_inputs/), declared here once: their
+# bytes are hashed when the step starts, go into its record and reuse key, and must be unchanged when
+# it ends. The package and the area list read the geography (districts, populations, county shares).
+STEP_RAW_INPUTS = {
+    "policy_data_db": database.RAW_INPUT_FILES,
+    "source_datasets": datasets.RAW_INPUT_FILES,
+    "calibration_package": geography.GEOGRAPHY_FILES,
+    "local_areas": (geography.DISTRICT_LIST,),
 }
 # The slice of the hashed run configuration each reusable step depends on. The area files and the
 # diagnostics are always rebuilt: the first for any change of weights, the second records the run.
@@ -91,15 +92,6 @@ AREA_PART_INPUTS = {
     "local": ("source_datasets", "calibration_package", "state_weights"),
     "national": ("source_datasets", "calibration_package", "national_weights"),
 }
-STEP_ORDER = (
-    "policy_data_db",
-    "source_datasets",
-    "calibration_package",
-    "state_weights",
-    "national_weights",
-    "local_areas",
-    "run_diagnostics",
-)
 
 
 def artifact(store: LocalRunStore, run_id: str, name: str) -> Path:
@@ -119,16 +111,20 @@ def run_database(store: LocalRunStore, run_id: str, config: RunConfig) -> StepRe
 
 
 def reuse_database(store: LocalRunStore, run_id: str) -> StepResult:
-    sealed = [m for m in reversed(store.list_runs()) if m.status in SEALED and m.run_id != run_id]
-    source = next((m for m in sealed if artifact(store, m.run_id, "policy_data_db").is_file()), None)
+    """Copy the policy_data.db of the newest sealed run whose TRO vouches for it."""
+    lender = SealedRunLender(store)
+    sealed = [m.run_id for m in reversed(store.list_runs()) if m.status in SEALED and m.run_id != run_id]
+    source = next((source for source in sealed if (record := read_record(store, source, "policy_data_db"))
+                   and lender.lends(source, record.outputs)), None)
     if source is None:
         raise FileNotFoundError(
-            f"--reuse-database: no completed run in {store.root} has a policy_data.db; build one with --build-database"
+            f"--reuse-database: no completed run in {store.root} has a policy_data.db that verifies against its TRO; "
+            "build one with --build-database"
         )
     target = output(store, run_id, "policy_data_db")
     with atomic_path(target) as tmp:
-        shutil.copyfile(artifact(store, source.run_id, "policy_data_db"), tmp)
-    return StepResult(outputs={"database": target}, figures={"reused": 1}, reused_from=source.run_id)
+        shutil.copyfile(artifact(store, source, "policy_data_db"), tmp)
+    return StepResult(outputs={"database": target}, figures={"reused": 1}, reused_from=source)
 
 
 def run_datasets(store: LocalRunStore, run_id: str, config: RunConfig) -> StepResult:
@@ -249,7 +245,30 @@ def _result_of(store: LocalRunStore, run_id: str, record: StepRecord, reused_fro
     return StepResult(outputs={rel: run_dir / rel for rel in record.outputs}, figures=record.figures, reused_from=reused_from)
 
 
+class RawInputChanged(RuntimeError):
+    """A raw input's bytes changed while a step read it."""
+
+
+def hash_raw_inputs(step: str) -> dict[str, str]:
+    """{"raw_inputs/NAME": sha256} of the raw inputs `step` reads, as their bytes are now."""
+    return {f"{geography.RAW_INPUTS_PREFIX}/{name}": digest
+            for name, digest in sorted(geography.raw_input_sha256(STEP_RAW_INPUTS.get(step, ())).items())}
+
+
+def check_raw_inputs_unchanged(step: str, read: dict[str, str]) -> None:
+    """Fail the step when a raw input it hashed at its start has other bytes at its end."""
+    now = hash_raw_inputs(step)
+    for rel, digest in read.items():
+        if now.get(rel) != digest:
+            raise RawInputChanged(
+                f"raw input {rel} changed while step {step} read it: sha256 {digest} at its start, "
+                f"{now.get(rel, 'missing')} at its end"
+            )
+
+
 def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, outputs: dict[str, str], **extra) -> StepRecord:
+    """The step's identity (and so its reuse key): code, environment, config section, upstream
+    outputs and the raw inputs' bytes as they are at its start."""
     hashed = hashed_config(config)
     section_hash = step_config_hash({name: hashed[name] for name in STEP_CONFIG.get(step, ())})
     inputs = {}
@@ -259,13 +278,15 @@ def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, out
             raise FileNotFoundError(f"step {step} of run {run_id} needs {upstream}, which has not run")
         inputs[upstream] = record.outputs_digest()
     identity = env_id(env)
+    raw_inputs = hash_raw_inputs(step)
     return StepRecord(
         step=step,
-        reuse_key=reuse_key(step, CODE_VERSIONS[step], identity, section_hash, inputs),
+        reuse_key=reuse_key(step, CODE_VERSIONS[step], identity, section_hash, inputs, raw_inputs),
         code_version=CODE_VERSIONS[step],
         env_id=identity,
         config_hash=section_hash,
         inputs=inputs,
+        raw_inputs=raw_inputs,
         outputs=outputs,
         environment=env.model_dump(),
         **extra,
@@ -287,7 +308,7 @@ def execute_step(
         return _result_of(store, run_id, kept, kept.reused_from), kept
     found = None
     if step in STEP_CONFIG and config.reuse:
-        found = find_reusable(store, run_id, step, probe.reuse_key)
+        found = find_reusable(store, run_id, step, probe.reuse_key, SealedRunLender(store))
     if found is not None:
         source_run, source = found
         link_outputs(store, source_run, run_id, source.outputs)
@@ -301,12 +322,14 @@ def execute_step(
             result = run_fit(store, run_id, config, step, compute or LocalPool())
         else:
             result = RUNNERS[step](store, run_id, config)
+        check_raw_inputs_unchanged(step, probe.raw_inputs)
         written = [p for p in result.outputs.values() if Path(p).is_file()]
         record = probe.model_copy(update={
             "outputs": hash_outputs(store, run_id, _relative(store, run_id, written)),
             "figures": result.figures,
             "reuse": "reused" if result.reused_from else "computed",
             "reused_from": result.reused_from,
+            "raw_inputs": {} if result.reused_from else probe.raw_inputs,  # a copied database read none
             "started_at": started,
             "ended_at": utcnow(),
         })
@@ -322,7 +345,7 @@ def area_probe(store: LocalRunStore, run_id: str, env: RuntimeEnvironment) -> St
     probe = _record(store, run_id, "local_areas", RunConfig.model_validate(meta.config), env, outputs={}, reuse=reuse)
     probe.part_keys = {
         part: reuse_key(f"local_areas:{part}", probe.code_version, probe.env_id, probe.config_hash,
-                        {name: probe.inputs[name] for name in inputs})
+                        {name: probe.inputs[name] for name in inputs}, probe.raw_inputs)
         for part, inputs in AREA_PART_INPUTS.items()
     }
     return probe
@@ -333,8 +356,9 @@ def reuse_area_parts(
 ) -> Iterator[AreaResult]:
     """The results of every part of the area step an earlier run made from the same code,
     environment and inputs, its files linked into this run; `reused` gets part -> that run."""
+    lender = SealedRunLender(store)  # one per step: each source run's TRO chain is checked once
     for part, key in probe.part_keys.items():
-        found = find_reusable_part(store, run_id, "local_areas", part, key, AREA_PATHS_BY_PART[part])
+        found = find_reusable_part(store, run_id, "local_areas", part, key, AREA_PATHS_BY_PART[part], lender)
         if found is None:
             continue
         source, record, files = found
@@ -381,6 +405,7 @@ def stream_areas(
         outputs[rel] = result.sha256
         figures[rel] = result.model_dump(include=set(AREA_FIGURES))
         yield result
+    check_raw_inputs_unchanged("local_areas", probe.raw_inputs)
     sources = set(reused.values())
     all_reused = not to_build
     record = probe.model_copy(update={

@@ -1,14 +1,16 @@
 """The run's Transparent Research Object (TROV 0.1): what went in, what came out, and how it was made.
 
-The TRO is built from what the run already recorded (meta.json, steps/*.json) and from the packaged
-raw inputs' SHA256SUMS, so writing it re-hashes nothing large; `verify_run` is where every file is
-hashed again. The layout is the one tro-utils 0.5.2 reads and writes (one node in `@graph`, the
+The TRO is built from what the run already recorded (meta.json, steps/*.json, whose raw_inputs are
+the hashes of the raw input bytes each step read), so writing it re-hashes nothing large;
+`verify_run` is where every file is hashed again, over every revision of the TRO. Each revision names
+the sha256 of the one before it, so a chain cannot be re-ordered or a revision swapped in unnoticed. The layout is the one tro-utils 0.5.2 reads and writes (one node in `@graph`, the
 fingerprint's hash under `trov:hash`, performances bound to arrangements through
 `trov:ArrangementBinding`), so that an independent tool agrees with us on what a run contains.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,11 +23,11 @@ from typing import Annotated, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, computed_field
 
 from pipeline_assets.identity import package_version
-from pipeline_assets.reuse import StepRecord, read_record, rebuild_records
-from pipeline_assets.stages import STEP_INPUTS, STEP_ORDER
+from pipeline_assets.reuse import StepRecord, files_verify, read_record, rebuild_records
+from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.steps.geography import raw_inputs_dir
 from resources.files import sha256_file
-from resources.run_store import LocalRunStore, StepTiming, utcnow
+from resources.run_store import SEALED, LocalRunStore, RunStoreError, StepTiming, utcnow
 
 CONTEXT = {
     "trov": "https://w3id.org/trace/trov/0.1#",
@@ -37,7 +39,7 @@ TRS_ID = "pe:usdata-pipeline"  # tro-utils requires a TRS @id that is an IRI out
 COMPOSITION_ID = "composition/1"
 INPUTS_ID = "arrangement/0"
 OUTPUTS_ID = "arrangement/1"
-RAW_INPUTS_PREFIX = raw_inputs_dir().name  # input paths are relative to the raw inputs' parent folder
+RELEASE_ARRANGEMENT_ID = "arrangement/release"
 TRO_PREFIX = "trace.tro."
 TRO_NAME = f"{TRO_PREFIX}jsonld"
 SIGNATURE_SUFFIX = ".sig"
@@ -166,6 +168,7 @@ class TransparentResearchObject(Node):
     config_hash: str | None = Field(None, alias="pe:configHash")
     version: str | None = Field(None, alias="pe:version")  # release TROs only
     run_tro: str | None = Field(None, alias="pe:runTro")  # release TROs: the run's TRO they publish
+    previous_revision: str | None = Field(None, alias="pe:previousRevisionSha256")  # revisions 2, 3, ...
 
 
 class TroDocument(Node):
@@ -183,10 +186,18 @@ def mime_type(path: str) -> str:
     return MIME_TYPES.get(Path(path).suffix, "application/octet-stream")
 
 
-def packaged_raw_inputs() -> dict[str, str]:
-    """{"raw_inputs/<name>": sha256} as the package's SHA256SUMS declares them."""
-    entries = (line.split() for line in (raw_inputs_dir() / "SHA256SUMS").read_text().splitlines() if line)
-    return dict(sorted((f"{RAW_INPUTS_PREFIX}/{name}", digest) for digest, name in entries))
+def raw_inputs_of(run_id: str, records: list[StepRecord]) -> dict[str, str]:
+    """{"raw_inputs/<name>": sha256} of the raw input bytes the run's steps read, from their records.
+    Two steps that read different bytes under one name cannot be described by one arrangement: refused."""
+    read: dict[str, tuple[str, str]] = {}
+    for record in records:
+        for rel, digest in record.raw_inputs.items():
+            step, seen = read.setdefault(rel, (record.step, digest))
+            if seen != digest:
+                raise RunStoreError(
+                    f"run {run_id} read two versions of {rel}: sha256 {seen} in step {step}, {digest} in step {record.step}"
+                )
+    return {rel: digest for rel, (_, digest) in sorted(read.items())}
 
 
 def run_files(store: LocalRunStore, run_id: str, records: list[StepRecord]) -> dict[str, str]:
@@ -229,7 +240,7 @@ def _binding(performance_id: str, index: int, arrangement_id: str) -> Arrangemen
 
 
 def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> TrustedResearchPerformance:
-    """A step's performance. Steps with no upstream step read the raw inputs; the others read
+    """A step's performance. Steps with no upstream step read only raw inputs; the others read
     upstream files of the run. Times are the step record's (meta.json keeps only a step's latest
     timing, which a backfill replaces)."""
     env = record.environment
@@ -241,7 +252,7 @@ def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> T
                 + "".join(f", {part} part reused from {run}" for part, run in sorted(record.reused_parts.items())) + ")",
         started_at=record.started_at or (timing.started_at if timing else None),
         ended_at=record.ended_at,
-        accessed=_binding(performance_id, 0, OUTPUTS_ID if STEP_INPUTS[record.step] else INPUTS_ID),
+        accessed=_binding(performance_id, 0, OUTPUTS_ID if record.inputs else INPUTS_ID),
         contributed=_binding(performance_id, 1, OUTPUTS_ID),
         step=record.step,
         code_version=record.code_version,
@@ -262,13 +273,14 @@ def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> T
     )
 
 
-def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None) -> dict:
-    """The run's TRO as a JSON-LD document; `public_key` (armored) is the signer's, when signing."""
+def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None, previous_revision: str | None = None) -> dict:
+    """The run's TRO as a JSON-LD document; `public_key` (armored) is the signer's, when signing;
+    `previous_revision` the sha256 of the revision this one follows."""
     meta = store.read_meta(run_id)
     records = [record for step in STEP_ORDER if (record := read_record(store, run_id, step)) is not None]
     records += rebuild_records(store, run_id)  # backfills of a completed run, after its own steps
     composition, arrangements = _compose({
-        INPUTS_ID: ("packaged raw inputs (paths relative to pipeline_assets/data/)", packaged_raw_inputs()),
+        INPUTS_ID: ("raw inputs the steps read (paths relative to pipeline_assets/data/)", raw_inputs_of(run_id, records)),
         OUTPUTS_ID: (f"files of run {run_id} (paths relative to runs/{run_id}/)", run_files(store, run_id, records)),
     })
     tro = TransparentResearchObject(
@@ -286,6 +298,7 @@ def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None) 
         diff_sha256=meta.diff_sha256,
         env_id=meta.env_id,
         config_hash=meta.config_hash,
+        previous_revision=previous_revision,
     )
     return TroDocument(graph=[tro]).model_dump(mode="json", exclude_none=True)
 
@@ -294,7 +307,7 @@ def build_release_tro(store: LocalRunStore, run_id: str, version: str, files: di
     """The TRO of a release: the published files (path in the release -> sha256), pointing at the
     TRO of the run they come from (which is itself one of the files)."""
     meta = store.read_meta(run_id)
-    composition, arrangements = _compose({"arrangement/release": (f"release {version} (paths relative to production/{version}/)", files)})
+    composition, arrangements = _compose({RELEASE_ARRANGEMENT_ID: (f"release {version} (paths relative to production/{version}/)", files)})
     tro = TransparentResearchObject(
         id="release",
         name=f"usdata-pipeline release {version}",
@@ -378,10 +391,13 @@ def tro_revisions(store: LocalRunStore, run_id: str) -> list[Path]:
 
 def write_tro(store: LocalRunStore, run_id: str, signer: GpgSigner | None = None) -> Path:
     """Write the run's TRO (and its signature); an existing TRO is never replaced, the new one is
-    the next revision beside it. Signing happens first, so a signer that fails writes nothing."""
-    data = canonical_bytes(build_tro(store, run_id, signer.public_key() if signer else None))
+    the next revision beside it, naming the sha256 of the one before. Signing happens first, so a
+    signer that fails writes nothing."""
+    revisions = tro_revisions(store, run_id)
+    previous = sha256_file(revisions[-1]) if revisions else None
+    data = canonical_bytes(build_tro(store, run_id, signer.public_key() if signer else None, previous))
     signature = signer.sign(data) if signer else None
-    rel = tro_name(len(tro_revisions(store, run_id)) + 1)
+    rel = tro_name(len(revisions) + 1)
     path = store.write_run_file(run_id, rel, data)
     if signature is not None:
         store.write_run_file(run_id, rel + SIGNATURE_SUFFIX, signature)
@@ -389,6 +405,9 @@ def write_tro(store: LocalRunStore, run_id: str, signer: GpgSigner | None = None
 
 
 # --- verifying -----------------------------------------------------------------------------------
+SignatureStatus = Literal["ok", "bad", "unverifiable", "missing", "other key"]
+
+
 class Mismatch(BaseModel):
     path: str
     expected: str
@@ -397,12 +416,13 @@ class Mismatch(BaseModel):
 
 class VerifyReport(BaseModel):
     run_id: str
-    tro: str | None = None  # the TRO revision checked, relative to the run directory
+    tro: str | None = None  # the latest TRO revision checked (every one is), relative to its folder
+    revisions_checked: int = 0
     artifacts_checked: int = 0  # artifact locations (files) re-hashed
     mismatches: list[Mismatch] = Field(default_factory=list)
-    fingerprint_ok: bool = False
-    signature: Literal["ok", "bad", "unverifiable"] | None = None  # None: the TRO is not signed
-    problems: list[str] = Field(default_factory=list)  # what is wrong with the TRO itself
+    fingerprint_ok: bool = False  # every revision's
+    signature: SignatureStatus | None = None  # None: the run was never signed; else the worst revision's
+    problems: list[str] = Field(default_factory=list)  # what is wrong with the TROs themselves
 
     @computed_field
     @property
@@ -414,61 +434,228 @@ class VerifyReport(BaseModel):
         return self.problems + [f"{m.path}: expected sha256 {m.expected}, found {m.found}" for m in self.mismatches]
 
 
-def check_signature(data: Path, signature: Path, gnupg_home: str | None = None) -> Literal["ok", "bad", "unverifiable"]:
-    """gpg's verdict on a detached signature: bad when the bytes changed, unverifiable without the key."""
+@functools.lru_cache(maxsize=16)
+def key_fingerprints(armored_key: str, gnupg_home: str | None = None) -> frozenset[str]:
+    """The fingerprints (primary key and subkeys) of an armored public key, read without importing it."""
+    result = subprocess.run(
+        _gpg_command(gnupg_home, "--with-colons", "--import-options", "show-only", "--import"),
+        input=armored_key.encode(), capture_output=True,
+    )
+    return frozenset(line.split(":")[9] for line in result.stdout.decode(errors="replace").splitlines()
+                     if line.startswith("fpr:"))
+
+
+def check_signature(
+    data: Path, signature: Path, gnupg_home: str | None = None, signer_key: str | None = None
+) -> SignatureStatus:
+    """gpg's verdict on a detached signature: bad when the bytes changed, unverifiable without the key,
+    other key when it is good but not by `signer_key` (armored), the key the TRO names."""
     if shutil.which("gpg") is None:
         return "unverifiable"
     result = subprocess.run(
         _gpg_command(gnupg_home, "--status-fd", "1", "--verify", str(signature), str(data)), capture_output=True
     )
-    status = result.stdout.decode(errors="replace")
-    if result.returncode == 0 and "[GNUPG:] GOODSIG" in status:
+    status = result.stdout.decode(errors="replace").splitlines()
+    if result.returncode != 0 or not any(line.startswith("[GNUPG:] GOODSIG") for line in status):
+        return "bad" if any(line.startswith("[GNUPG:] BADSIG") for line in status) else "unverifiable"
+    if signer_key is None:
         return "ok"
-    return "bad" if "[GNUPG:] BADSIG" in status else "unverifiable"
+    signed_by = set()
+    for line in status:
+        if line.startswith("[GNUPG:] VALIDSIG"):  # VALIDSIG <signing key fpr> ... <primary key fpr>
+            fields = line.split()
+            signed_by |= {fields[2], fields[-1]}
+    return "ok" if signed_by & key_fingerprints(signer_key, gnupg_home) else "other key"
+
+
+def read_tro(path: Path) -> TransparentResearchObject:
+    return TroDocument.model_validate_json(path.read_bytes()).graph[0]
+
+
+def _fingerprint_problem(name: str, tro: TransparentResearchObject) -> str | None:
+    recomputed = composition_fingerprint(artifact.hash.value for artifact in tro.composition.artifacts)
+    if recomputed == tro.composition.fingerprint.hash.value:
+        return None
+    return (f"{name}: fingerprint {tro.composition.fingerprint.hash.value} does not match its artifacts "
+            f"({recomputed}): the TRO was edited")
+
+
+def located(tro: TransparentResearchObject, arrangement_id: str) -> dict[str, str]:
+    """{path: sha256} of one arrangement of a TRO (empty when it has none by that id)."""
+    hashes = {artifact.id: artifact.hash.value for artifact in tro.composition.artifacts}
+    return {location.path: hashes.get(location.artifact.id, "unlisted")
+            for arrangement in tro.arrangements if arrangement.id == arrangement_id
+            for location in arrangement.locations}
+
+
+class ChainCheck(BaseModel):
+    """Every TRO revision of a run, checked in order without re-hashing the run's files."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    revisions: list[Path]
+    readable: list[TransparentResearchObject]  # the revisions that parsed, in order
+    fingerprints_ok: bool  # of every readable revision
+    problems: list[str]
+    signature: SignatureStatus | None
+
+
+def check_chain(store: LocalRunStore, run_id: str, gnupg_home: str | None = None) -> ChainCheck:
+    """Each revision readable, its fingerprint holding and naming the sha256 of the one before it; no
+    TRO file outside the chain; and a run that was signed (a .sig, or a revision naming a
+    trov:publicKey) signed in every revision, by the key its TROs name."""
+    revisions = tro_revisions(store, run_id)
+    run_dir = store.path(store.run_key(run_id))
+    problems = [] if revisions else [f"no TRO: runs/{run_id}/{TRO_NAME} does not exist"]
+    readable, parsed = [], {}
+    previous: str | None = None
+    fingerprints_ok = True
+    for path in revisions:
+        try:
+            parsed[path] = tro = read_tro(path)
+        except ValidationError as exc:
+            problems.append(f"{path.name} is not a readable TRO: {str(exc).splitlines()[0]}")
+        else:
+            readable.append(tro)
+            if (problem := _fingerprint_problem(path.name, tro)) is not None:
+                fingerprints_ok = False
+                problems.append(problem)
+            if tro.previous_revision != previous:
+                problems.append(f"{path.name}: names {tro.previous_revision or 'no'} previous revision, but the one "
+                                f"before it has sha256 {previous or 'none'}: the chain was re-ordered or forged")
+        previous = sha256_file(path)
+    chained = {name for path in revisions for name in (path.name, path.name + SIGNATURE_SUFFIX)}
+    problems += [f"{p.name}: a TRO file outside the revision chain of runs/{run_id}/"
+                 for p in sorted(run_dir.glob(f"{TRO_PREFIX}*")) if p.name not in chained]
+    keys = [tro.assembled_by.public_key for tro in readable if tro.assembled_by.public_key]
+    signed = bool(keys) or any(path.with_name(path.name + SIGNATURE_SUFFIX).is_file() for path in revisions)
+    worst: SignatureStatus | None = "ok" if signed else None
+    for path in revisions if signed else []:
+        named = parsed[path].assembled_by.public_key if path in parsed else None
+        if named and named != keys[0]:
+            problems.append(f"{path.name}: names another signing key than the run's first signed revision")
+        signature = path.with_name(path.name + SIGNATURE_SUFFIX)
+        status = "missing"
+        if signature.is_file():
+            status = check_signature(path, signature, gnupg_home, named or (keys[0] if keys else None))
+        if status != "ok":
+            worst = status if worst == "ok" else worst
+            problems.append(f"{path.name}: signature {status} ({signature.name}); the run was signed")
+    return ChainCheck(revisions=revisions, readable=readable, fingerprints_ok=fingerprints_ok, problems=problems,
+                      signature=worst)
+
+
+class _Rehasher:
+    """Re-hashes each file once, however many revisions list it; records a mismatch once."""
+
+    def __init__(self, report: VerifyReport):
+        self.report = report
+        self.hashes: dict[Path, str] = {}
+        self.seen: set[tuple[str, str]] = set()
+
+    def check(self, root: Path, path: str, expected: str) -> None:
+        file = (root / path).resolve()
+        if not file.is_relative_to(root.resolve()):
+            self.report.problems.append(f"location {path} is outside {root.name}/")
+            return
+        if file not in self.hashes:
+            self.hashes[file] = sha256_file(file) if file.is_file() else "missing"
+            self.report.artifacts_checked += 1
+        if self.hashes[file] != expected and (path, expected) not in self.seen:
+            self.seen.add((path, expected))
+            self.report.mismatches.append(Mismatch(path=path, expected=expected, found=self.hashes[file]))
 
 
 def verify_run(store: LocalRunStore, run_id: str, gnupg_home: str | None = None) -> VerifyReport:
-    """Re-hash every file the run's latest TRO lists, and check its fingerprint and signature."""
+    """Check every TRO revision of the run in order (check_chain) and re-hash every file each lists."""
     store.read_meta(run_id)  # an unknown run is an error, not a failed verification
-    revisions = tro_revisions(store, run_id)
-    if not revisions:
-        return VerifyReport(run_id=run_id, problems=[f"no TRO: runs/{run_id}/{TRO_NAME} does not exist"])
-    path = revisions[-1]
-    report = VerifyReport(run_id=run_id, tro=path.name)
-    signature = path.with_name(path.name + SIGNATURE_SUFFIX)
-    if signature.is_file():
-        report.signature = check_signature(path, signature, gnupg_home)
-        if report.signature != "ok":
-            report.problems.append(f"{path.name}: signature {report.signature} ({signature.name})")
-    try:
-        tro = TroDocument.model_validate_json(path.read_bytes()).graph[0]
-    except ValidationError as exc:
-        report.problems.append(f"{path.name} is not a readable TRO: {str(exc).splitlines()[0]}")
-        return report
-    hashes = {artifact.id: artifact.hash.value for artifact in tro.composition.artifacts}
-    recomputed = composition_fingerprint(hashes.values())
-    report.fingerprint_ok = recomputed == tro.composition.fingerprint.hash.value
-    if not report.fingerprint_ok:
-        report.problems.append(
-            f"{path.name}: fingerprint {tro.composition.fingerprint.hash.value} does not match its artifacts "
-            f"({recomputed}): the TRO was edited"
-        )
+    chain = check_chain(store, run_id, gnupg_home)
+    report = VerifyReport(
+        run_id=run_id, tro=chain.revisions[-1].name if chain.revisions else None, revisions_checked=len(chain.revisions),
+        fingerprint_ok=bool(chain.readable) and chain.fingerprints_ok,
+        signature=chain.signature, problems=list(chain.problems),
+    )
     roots = {INPUTS_ID: raw_inputs_dir().parent, OUTPUTS_ID: store.path(store.run_key(run_id))}
-    for arrangement in tro.arrangements:
-        root = roots.get(arrangement.id)
-        if root is None:
-            report.problems.append(f"{path.name}: unknown arrangement {arrangement.id}")
-            continue
-        for location in arrangement.locations:
-            file = (root / location.path).resolve()
-            expected = hashes.get(location.artifact.id)
-            if expected is None or not file.is_relative_to(root):
-                report.problems.append(
-                    f"{path.name}: location {location.id} ({location.path}) is no listed artifact under {root.name}/"
-                )
+    rehash = _Rehasher(report)
+    for tro in chain.readable:
+        for arrangement in tro.arrangements:
+            if arrangement.id not in roots:
+                report.problems.append(f"TRO of run {run_id}: unknown arrangement {arrangement.id}")
                 continue
-            found = sha256_file(file) if file.is_file() else "missing"
-            report.artifacts_checked += 1
-            if found != expected:
-                report.mismatches.append(Mismatch(path=location.path, expected=expected, found=found))
+            for path, expected in located(tro, arrangement.id).items():
+                rehash.check(roots[arrangement.id], path, expected)
     return report
+
+
+def verify_release(release_dir: Path, release_tro: Path, run_id: str, run_tro_sha256: str) -> VerifyReport:
+    """A release's published copy against its TRO (`release_tro`, the store's): the TRO readable with
+    its fingerprint holding, the copy published with it byte-identical, every file it lists re-hashed,
+    the run TRO it names the one the registry entry names (`run_tro_sha256`), and no file in the copy
+    that it does not list (a stray or a temporary file)."""
+    report = VerifyReport(run_id=run_id, tro=release_tro.name)
+    published_tro = release_dir / release_tro.name
+    try:
+        tro = read_tro(release_tro)
+    except (OSError, ValidationError) as exc:
+        report.problems.append(f"{release_tro} is not a readable release TRO: {str(exc).splitlines()[0]}")
+        return report
+    if (problem := _fingerprint_problem(release_tro.name, tro)) is not None:
+        report.problems.append(problem)
+    report.fingerprint_ok = problem is None
+    report.revisions_checked = 1
+    if not release_dir.is_dir():
+        report.problems.append(f"no published copy at {release_dir}")
+        return report
+    if not published_tro.is_file() or published_tro.read_bytes() != release_tro.read_bytes():
+        report.problems.append(f"{published_tro}: not the release TRO of the store ({release_tro})")
+    files = located(tro, RELEASE_ARRANGEMENT_ID)
+    if files.get(tro.run_tro or "") != run_tro_sha256:
+        report.problems.append(f"the release TRO's run TRO {tro.run_tro} has sha256 {files.get(tro.run_tro or '')}, "
+                               f"the registry names {run_tro_sha256}")
+    rehash = _Rehasher(report)
+    for path, expected in files.items():
+        rehash.check(release_dir, path, expected)
+    listed = files.keys() | {release_tro.name}
+    report.problems += [f"{release_dir.name}/{rel}: a file the release TRO does not list (stray or temporary)"
+                        for rel in sorted(str(p.relative_to(release_dir)) for p in release_dir.rglob("*") if not p.is_dir())
+                        if rel not in listed]
+    return report
+
+
+def sealed_outputs(revisions: list[TransparentResearchObject]) -> dict[str, str]:
+    """{path: sha256} of a run's files as its TRO revisions list them; a path two revisions list with
+    different hashes (a file rewritten in an append-only run) is left out: no one vouches for it."""
+    listed: dict[str, set[str]] = {}
+    for tro in revisions:
+        for path, digest in located(tro, OUTPUTS_ID).items():
+            listed.setdefault(path, set()).add(digest)
+    return {path: digest for path, (digest, *others) in listed.items() if not others}
+
+
+class SealedRunLender:
+    """The rule for reusing an earlier run's files: the run is sealed (completed or promoted), its
+    whole TRO chain checks (check_chain, cached per run: one lender serves one step), its revisions
+    list each file with the sha256 asked for, and those files (only those) re-hash to it."""
+
+    def __init__(self, store: LocalRunStore, gnupg_home: str | None = None):
+        self.store = store
+        self.gnupg_home = gnupg_home
+        self._sealed_files: dict[str, dict[str, str] | None] = {}
+
+    def _files(self, run_id: str) -> dict[str, str] | None:
+        """What the run's TRO chain vouches for (path -> sha256), or None when it vouches for nothing."""
+        if run_id not in self._sealed_files:
+            self._sealed_files[run_id] = None
+            try:
+                sealed = self.store.read_meta(run_id).status in SEALED
+            except (RunStoreError, ValueError):
+                sealed = False
+            if sealed:
+                chain = check_chain(self.store, run_id, self.gnupg_home)
+                if not chain.problems and chain.readable:
+                    self._sealed_files[run_id] = sealed_outputs(chain.readable)
+        return self._sealed_files[run_id]
+
+    def lends(self, run_id: str, files: dict[str, str]) -> bool:
+        sealed = self._files(run_id)
+        return (sealed is not None and all(sealed.get(rel) == digest for rel, digest in files.items())
+                and files_verify(self.store, run_id, files))

@@ -65,6 +65,9 @@ def _digest(hasher: Any, path: Path) -> Any:
     return hasher
 
 
+INCOMING = ".incoming"  # under production/: where copies are made before they are linked into a release
+
+
 class LocalPublisher:
     """root/production/{version}/{rel} on a local (or mounted) file system."""
 
@@ -74,17 +77,20 @@ class LocalPublisher:
     def publish(self, version: str, files: dict[str, Path]) -> PublishResult:
         _check_release(version, files)
         release = self.root / "production" / version
+        incoming = self.root / "production" / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
         for rel, source in files.items():
-            _place(Path(source), release / rel)
+            _place(Path(source), release / rel, incoming)
         return PublishResult(backend="local", location=str(release))
 
 
-def _place(source: Path, final: Path) -> None:
-    """Copy to a temporary name, then hard-link into place: unlike a rename, a link fails when
+def _place(source: Path, final: Path, incoming: Path) -> None:
+    """Copy to a temporary name in `incoming` (same file system, outside every release, so a killed
+    copy leaves nothing in one), then hard-link into place: unlike a rename, a link fails when
     `final` exists, so not even a concurrent publisher can overwrite a published file."""
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=incoming)
         os.close(fd)
         try:
             shutil.copyfile(source, tmp)

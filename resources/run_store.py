@@ -68,6 +68,11 @@ def read_model(path: Path, model: type[Record]) -> Record:
         raise
     except OSError as exc:
         raise UnreadableRecord(f"unreadable record {path}: {exc.strerror or exc}") from None
+    return parse_model(data, path, model)
+
+
+def parse_model(data: bytes, path: Path, model: type[Record]) -> Record:
+    """read_model of bytes already read from `path` (a caller that also hashes them)."""
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:

@@ -11,7 +11,7 @@ import pytest
 from pipeline_assets import stages
 from pipeline_assets.driver import run_release, start_run
 from pipeline_assets.reuse import link_outputs, read_record
-from pipeline_assets.tro import TRO_NAME
+from pipeline_assets.tro import TRO_NAME, tro_revisions, write_tro
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStoreError
@@ -179,6 +179,9 @@ def test_a_part_is_reused_only_from_a_record_holding_all_its_files(tmp_path):
     dropped = f"{stages.H5_ROOT}/districts/AL-01.h5"
     del record.outputs[dropped]
     store.path(store.run_key(first.run_id, "steps/local_areas.json")).write_text(record.model_dump_json())
+    for revision in tro_revisions(store, first.run_id):  # sealed with that record: only sealed runs lend files
+        revision.unlink()
+    write_tro(store, first.run_id)
     second, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
     rebuilt = read_record(store, second.run_id, "local_areas")
     assert rebuilt.reused_parts == {"national": first.run_id}

@@ -20,6 +20,9 @@ from typing import NamedTuple
 
 from .config import DatabaseConfig
 from .geography import (
+    COUNTY_SHARES,
+    DISTRICT_LIST,
+    DISTRICT_POPULATIONS,
     STATE_ABBREV_BY_FIPS,
     STATES,
     district_code,
@@ -62,16 +65,15 @@ CREATE TABLE metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 STRATUM_FORMAT = "all | KIND:LO:HI, half-open [LO, HI), -inf/inf for open ends"
 
-DISTRICT_LIST = "acs5_congressional_districts_2024.json"
-COUNTY_SHARES = "county_cd_distributions.csv"
 ACS_AGE_STATE = "acs_S0101_state_2024.json"
-ACS_AGE_DISTRICT = "acs_S0101_district_2024.json.gz"
+ACS_AGE_DISTRICT = DISTRICT_POPULATIONS
 ACS_SNAP_DISTRICT = "acs_S2201_district_2024.json.gz"
 SOI_AGI_STATE = "agi_state.csv"
 SOI_NATIONAL = "soi_targets.csv.gz"
 SNAP_STATE = "snap_state.csv"
 EITC_STATE = "eitc_state.csv"
-# Every raw file the database is made from; each is recorded (sha256, size) in raw_inputs.
+# Every raw file the database is made from (the step's declaration, see stages.STEP_RAW_INPUTS); each
+# is recorded (sha256, size) in raw_inputs.
 RAW_INPUT_FILES = (
     DISTRICT_LIST, COUNTY_SHARES, ACS_AGE_STATE, ACS_AGE_DISTRICT, ACS_SNAP_DISTRICT,
     SOI_AGI_STATE, SOI_NATIONAL, SNAP_STATE, EITC_STATE,

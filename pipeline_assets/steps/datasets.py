@@ -18,6 +18,7 @@ import pandas as pd
 
 from pipeline_assets.steps.config import DatasetConfig
 from pipeline_assets.steps.geography import (
+    GEOGRAPHY_FILES,
     STATE_ABBREV_BY_FIPS,
     district_county_shares,
     district_populations,
@@ -29,6 +30,8 @@ from resources.files import atomic_path, sha256_file
 from pipeline_assets.steps.results import StepResult
 
 SOURCE_FILE = "cps_taxunits.csv.gz"
+# Every raw file the datasets are made from: the tax units, and the geography each household is placed in.
+RAW_INPUT_FILES = (SOURCE_FILE, *GEOGRAPHY_FILES)
 
 # The file stacks three CPS ASEC years and h_seq restarts every year, so h_seq alone joins
 # unrelated households (often in different states); (year, h_seq) is the real household.

@@ -11,7 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from resources.files import sha256_file
+
 PACKAGED_RAW_INPUTS = Path(__file__).resolve().parents[1] / "data" / "raw_inputs"
+RAW_INPUTS_PREFIX = "raw_inputs"  # how records and TROs name a raw input: raw_inputs/NAME
 
 # (FIPS, postal abbreviation, name) for the 50 states and DC; Puerto Rico (72) is outside the release.
 STATES: tuple[tuple[str, str, str], ...] = (
@@ -48,6 +51,12 @@ NYC_COUNTIES: dict[str, str] = {
 
 AREA_COUNT = 488
 
+DISTRICT_LIST = "acs5_congressional_districts_2024.json"
+COUNTY_SHARES = "county_cd_distributions.csv"
+DISTRICT_POPULATIONS = "acs_S0101_district_2024.json.gz"
+# The raw inputs the helpers below read: a step that calls them reads these.
+GEOGRAPHY_FILES = (DISTRICT_LIST, COUNTY_SHARES, DISTRICT_POPULATIONS)
+
 
 class RawInputMissing(FileNotFoundError):
     """A raw input the ETL needs is not where it should be."""
@@ -63,6 +72,18 @@ def raw_input(name: str, raw_dir: Path | None = None) -> Path:
     if not path.is_file():
         raise RawInputMissing(f"raw input {name!r} not found at {path}: expected the packaged file")
     return path
+
+
+def raw_input_sha256(names: tuple[str, ...], raw_dir: Path | None = None) -> dict[str, str]:
+    """{name: sha256} of the raw inputs `names` as their bytes are now."""
+    return {name: sha256_file(raw_input(name, raw_dir)) for name in names}
+
+
+def _located(name: str, raw_dir: Path | None) -> tuple[Path, str]:
+    """(path, sha256) of a raw input: the parsed helpers below are cached by content, so a file
+    changed on disk is read again instead of being answered from memory."""
+    path = raw_input(name, raw_dir)
+    return path, sha256_file(path)
 
 
 @dataclass(frozen=True)
@@ -90,10 +111,14 @@ def district_geoid(state_fips: str, number: str) -> str:
     return str(int(state_fips) * 100 + int(number))
 
 
-@functools.lru_cache(maxsize=4)
 def districts(raw_dir: Path | None = None) -> tuple[tuple[str, str, str], ...]:
     """(code, state_fips, upstream district number) for the 436 districts, in state then number order."""
-    rows = json.loads(raw_input("acs5_congressional_districts_2024.json", raw_dir).read_text())
+    return _districts(*_located(DISTRICT_LIST, raw_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _districts(path: Path, _sha256: str) -> tuple[tuple[str, str, str], ...]:
+    rows = json.loads(path.read_text())
     out = [
         (district_code(state, number), state, number)
         for _name, state, number in rows[1:]
@@ -102,12 +127,18 @@ def districts(raw_dir: Path | None = None) -> tuple[tuple[str, str, str], ...]:
     return tuple(sorted(out, key=lambda row: (row[1], row[0])))
 
 
-@functools.lru_cache(maxsize=4)
 def district_county_shares(raw_dir: Path | None = None) -> dict[str, tuple[tuple[str, float], ...]]:
     """District code -> ((county name, population share), ...), shares summing to 1."""
-    by_geoid = {district_geoid(state, number): code for code, state, number in districts(raw_dir)}
+    return _district_county_shares(*_located(COUNTY_SHARES, raw_dir), districts(raw_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _district_county_shares(
+    path: Path, _sha256: str, district_rows: tuple[tuple[str, str, str], ...]
+) -> dict[str, tuple[tuple[str, float], ...]]:
+    by_geoid = {district_geoid(state, number): code for code, state, number in district_rows}
     shares: dict[str, list[tuple[str, float]]] = {}
-    with raw_input("county_cd_distributions.csv", raw_dir).open(newline="") as handle:
+    with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
             code = by_geoid.get(row["cd_geoid"])
             if code is not None:
@@ -130,12 +161,16 @@ def areas(raw_dir: Path | None = None) -> tuple[Area, ...]:
 NATIONAL = Area("national", "US", None)
 
 
-@functools.lru_cache(maxsize=4)
 def district_populations(raw_dir: Path | None = None) -> dict[str, float]:
     """District code -> total population (ACS S0101, 2024 5-year)."""
+    return _district_populations(*_located(DISTRICT_POPULATIONS, raw_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _district_populations(path: Path, _sha256: str) -> dict[str, float]:
     import gzip
 
-    with gzip.open(raw_input("acs_S0101_district_2024.json.gz", raw_dir), "rt") as handle:
+    with gzip.open(path, "rt") as handle:
         rows = json.load(handle)
     header = rows[0]
     geo, total = header.index("GEO_ID"), header.index("S0101_C01_001E")
