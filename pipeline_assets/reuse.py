@@ -64,7 +64,7 @@ def next_rebuild_name(store: LocalRunStore, run_id: str, step: str) -> str:
 def rebuild_records(store: LocalRunStore, run_id: str) -> list[StepRecord]:
     prefix = store.run_key(run_id, "steps/")
     keys = [k for k in store.list(prefix) if REBUILD_MARK in k]
-    records = [StepRecord.model_validate_json(store.read_bytes(k)) for k in keys]
+    records = [parse_model(store.read_bytes(k), store.path(k), StepRecord) for k in keys]
     return sorted(records, key=lambda r: r.ended_at)
 
 
