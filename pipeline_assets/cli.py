@@ -17,7 +17,7 @@ from pipeline_assets.promotion import PromotionFailed
 from resources.git import GitError, code_state
 from resources.publishers import PublishError
 from resources.registry import RegistryError
-from resources.run_store import LocalRunStore, RunMeta, RunStoreError, StepTiming
+from resources.run_store import LocalRunStore, RunMeta, RunStoreError, StepTiming, settle_if_orphaned, settle_orphans
 
 if TYPE_CHECKING:  # the launcher imports Dagster; commands that need it import it themselves
     from pipeline_assets.launch import LaunchOutcome
@@ -232,11 +232,15 @@ def reuse_summary(timing: StepTiming) -> str:
     return f"{text} ({parts})" if parts and timing.reuse != "reused" else text
 
 
+RELEASE_JOB_STEPS = 8  # stages.STEP_ORDER and staged_release (stages is not imported here: it loads pandas)
+
+
 def command_status(args: argparse.Namespace) -> int:
+    """A run whose orchestrator died is settled as failed before it is shown."""
     store = LocalRunStore()
     if args.run_id:
         parse_run_id(args.run_id)
-        meta = store.read_meta(args.run_id)
+        meta = settle_if_orphaned(store, args.run_id)
         print(f"{meta.run_id}  {meta.status.value}  sha {meta.sha}  branch {meta.branch or '-'}")
         if meta.error:
             print(f"error in {meta.error.step}: {meta.error.message}")
@@ -245,6 +249,7 @@ def command_status(args: argparse.Namespace) -> int:
             duration = f"{t.duration_s:.1f}s" if t.duration_s is not None else "-"
             print(f"{step:<22}{t.status:<11}{t.started_at:%Y-%m-%d %H:%M:%S}  {duration:>9}  {reuse_summary(t)}")
         return 0
+    settle_orphans(store)
     runs = store.list_runs()
     if not runs:
         print(f"no runs in {store.root}")
@@ -252,7 +257,7 @@ def command_status(args: argparse.Namespace) -> int:
     print(f"{'run_id':<36}{'status':<11}{'sha':<10}{'started':<21}{'duration':>9}  steps")
     for meta in runs:
         done = sum(t.status == "succeeded" for t in meta.step_timings.values())
-        print(f"{meta.run_id:<36}{meta.status.value:<11}{meta.sha[:8]:<10}{meta.created_at:%Y-%m-%d %H:%M:%S}  {_duration(meta):>9}  {done}/7")
+        print(f"{meta.run_id:<36}{meta.status.value:<11}{meta.sha[:8]:<10}{meta.created_at:%Y-%m-%d %H:%M:%S}  {_duration(meta):>9}  {done}/{RELEASE_JOB_STEPS}")
     return 0
 
 
