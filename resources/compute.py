@@ -140,11 +140,28 @@ class CoreShare:
         return max(1, self.cores // max(1, running))
 
 
+class _WorkerRecordingContext:
+    """A pool's multiprocessing context that keeps the worker processes it makes, so that the pool
+    can tell which one died and stop the rest."""
+
+    def __init__(self, context):
+        self._context = context
+        self.workers: list = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    def Process(self, *args, **kwargs):  # noqa: N802 (the context's own name)
+        worker = self._context.Process(*args, **kwargs)
+        self.workers.append(worker)
+        return worker
+
+
 class WorkerDied(RuntimeError):
     """A pool worker exited without a result (killed, or exited on its own)."""
 
 
-def _died(workers: set) -> str:
+def _died(workers: list) -> str:
     """Which worker died, and how (the pool terminates the others, SIGTERM, once one has died); the
     rest are stopped."""
     dead = sorted((w for w in workers if w.exitcode is not None), key=lambda w: (w.exitcode == -signal.SIGTERM, w.pid))
@@ -156,7 +173,7 @@ def _died(workers: set) -> str:
     return f"pool worker (pid {pid}) died: {how}"
 
 
-def _kill(workers: set) -> None:
+def _kill(workers: list) -> None:
     for worker in workers:
         if worker.is_alive():
             worker.kill()
@@ -204,7 +221,7 @@ class LocalPool:
             inputs = loader(*loader_args)
             yield from (task(item, inputs, out_root) for item in items)
             return
-        context = multiprocessing.get_context(self.start_method)
+        context = _WorkerRecordingContext(multiprocessing.get_context(self.start_method))
         initargs = (loader, loader_args)
         if self.start_method == "fork":
             _worker_state["inputs"] = loader(*loader_args)
@@ -212,14 +229,13 @@ class LocalPool:
         elif self.start_method == "forkserver":  # workers fork from a server that has imported the task
             context.set_forkserver_preload([task.__module__, loader.__module__])
         chunksize = max(1, len(items) // (self.workers * 8))
-        before = set(multiprocessing.active_children())
         try:
             with ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=context, initializer=_init_worker, initargs=initargs
             ) as pool:
                 chunks = [pool.submit(_call_chunk, task, items[i:i + chunksize], out_root)
                           for i in range(0, len(items), chunksize)]
-                workers = set(multiprocessing.active_children()) - before  # submitting started them all
+                workers = context.workers
                 try:
                     for chunk in chunks:
                         yield from chunk.result()

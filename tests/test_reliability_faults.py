@@ -154,14 +154,18 @@ def wait_for_step(pipeline: Pipeline, proc: subprocess.Popen, step: str) -> Proc
             timing = None
         if timing is not None and timing.status == "running":
             named = [p for p in processes_of(pipeline.store) if p.name == step[:STEP_NAME_CHARS]]
-            if named:
-                return named[0]
+            pids = {p.pid for p in named}
+            top = [p for p in named if p.ppid not in pids]  # its pool workers, forked from it, share its name
+            if top:
+                return top[0]
         time.sleep(POLL_S)
     pytest.fail(f"{step} never ran within {HIT_TIMEOUT_S} s")
 
 
-def children(store: Path, pid: int) -> list[Proc]:
-    return [p for p in processes_of(store) if p.ppid == pid]
+def pool_workers(store: Path, step_process: Proc) -> list[Proc]:
+    """The step process's pool workers: forked from it, so named as it is (its other children,
+    such as a git or nvidia-smi call, are not)."""
+    return [p for p in processes_of(store) if p.ppid == step_process.pid and p.name == step_process.name]
 
 
 def kill(pipeline: Pipeline, proc: subprocess.Popen, kind: str, step: str) -> None:
@@ -174,7 +178,7 @@ def kill(pipeline: Pipeline, proc: subprocess.Popen, kind: str, step: str) -> No
         os.kill(step_process.pid, signal.SIGKILL)
     else:
         deadline = time.monotonic() + 60
-        while not (workers := children(pipeline.store, step_process.pid)) and time.monotonic() < deadline:
+        while not (workers := pool_workers(pipeline.store, step_process)) and time.monotonic() < deadline:
             time.sleep(POLL_S)
         assert workers, f"{step} started no pool worker"
         os.kill(workers[0].pid, signal.SIGKILL)
@@ -397,3 +401,31 @@ def test_only_orchestrators_certainly_gone_are_settled(tmp_path):
     statuses = {name: store.read_meta(run_id).status for name, run_id in ids.items()}
     assert statuses == {"alive": RunStatus.running, "reused": RunStatus.failed, "elsewhere": RunStatus.running,
                         "none": RunStatus.running}
+
+
+@pytest.mark.reliability("fault")
+def test_a_staging_error_is_recorded_under_staged_release_with_its_first_line(tmp_path):
+    from dagster import instance_for_test, materialize
+
+    from pipeline_assets.driver import start_run
+    from pipeline_assets.launch import step_failure_error
+    from pipeline_assets.partitions import RUN_IDS
+    from pipeline_assets.release import staged_release
+    from resources.dagster_resources import RunStoreResource
+    from resources.git import CodeState
+
+    store = LocalRunStore(tmp_path / "store")
+    code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
+    run_id = start_run(store, config_for_scale("tiny"), code).run_id  # no step has run: nothing to stage
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(RUN_IDS, [run_id])
+        result = materialize([staged_release], instance=instance, partition_key=run_id, raise_on_error=False,
+                             resources={"run_store": RunStoreResource(root=str(store.root))})
+    assert not result.success
+    meta = store.read_meta(run_id)
+    assert meta.status is RunStatus.failed and meta.step_timings["staged_release"].status == "failed"
+    assert meta.error.step == "staged_release"
+    assert meta.error.message.startswith(f"RunStoreError: run {run_id} has 489 of its area files missing")
+    from_events = step_failure_error(result.all_events)
+    assert from_events.step == "staged_release" and "489 of its area files missing" in from_events.message
+    assert "\n" not in from_events.message
