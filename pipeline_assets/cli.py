@@ -28,7 +28,7 @@ from resources.ledger import LEDGER_VARIABLE, location_problem, redact
 from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
 from resources.publishers import PublishError
 from resources.registry import RegistryError, validate_version
-from resources.run_store import STORE_VARIABLE, LocalRunStore, RunMeta, RunStoreError, StepTiming, directory_problem
+from resources.run_store import STORE_VARIABLE, LocalRunStore, RunMeta, RunStoreError, StepTiming, directory_problem, settle_if_orphaned, settle_orphans
 from resources.runtime import IMAGE_DIGEST_VARIABLES, INSTANCE_VARIABLES, POOL_VARIABLES, PROVIDER_VARIABLES, REGION_VARIABLES
 
 if TYPE_CHECKING:  # the launcher imports Dagster; commands that need it import it themselves
@@ -299,11 +299,15 @@ def reuse_summary(timing: StepTiming) -> str:
     return f"{text} ({parts})" if parts and timing.reuse != "reused" else text
 
 
+RELEASE_JOB_STEPS = 8  # stages.STEP_ORDER and staged_release (stages is not imported here: it loads pandas)
+
+
 def command_status(args: argparse.Namespace) -> int:
+    """A run whose orchestrator died is settled as failed before it is shown."""
     store = LocalRunStore()
     if args.run_id:
         parse_run_id(args.run_id)
-        meta = store.read_meta(args.run_id)
+        meta = settle_if_orphaned(store, args.run_id)
         print(f"{meta.run_id}  {meta.status.value}  sha {meta.sha}  branch {meta.branch or '-'}")
         if meta.error:
             print(f"error in {meta.error.step}: {meta.error.message}")
@@ -312,6 +316,7 @@ def command_status(args: argparse.Namespace) -> int:
             duration = f"{t.duration_s:.1f}s" if t.duration_s is not None else "-"
             print(f"{step:<22}{t.status:<11}{t.started_at:%Y-%m-%d %H:%M:%S}  {duration:>9}  {reuse_summary(t)}")
         return 0
+    settle_orphans(store)
     runs = store.list_runs()
     if not runs:
         print(f"no runs in {store.root}")
@@ -319,7 +324,7 @@ def command_status(args: argparse.Namespace) -> int:
     print(f"{'run_id':<36}{'status':<11}{'sha':<10}{'started':<21}{'duration':>9}  steps")
     for meta in runs:
         done = sum(t.status == "succeeded" for t in meta.step_timings.values())
-        print(f"{meta.run_id:<36}{meta.status.value:<11}{meta.sha[:8]:<10}{meta.created_at:%Y-%m-%d %H:%M:%S}  {_duration(meta):>9}  {done}/7")
+        print(f"{meta.run_id:<36}{meta.status.value:<11}{meta.sha[:8]:<10}{meta.created_at:%Y-%m-%d %H:%M:%S}  {_duration(meta):>9}  {done}/{RELEASE_JOB_STEPS}")
     return 0
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, Iterator
 
 from pipeline_assets import stages
 from pipeline_assets.identity import ensure_no_skew, make_run_id, package_version, running_code_sha
 from pipeline_assets.steps.config import RunConfig
-from resources.compute import LocalPool
+from resources.compute import LocalPool, mark_step_process
 from pipeline_assets.identity_contract import config_hash, env_id
 from pipeline_assets.reuse import StepRecord, read_record
 from pipeline_assets.tro import TRO_PREFIX, signer_from_environment, tro_revisions, write_tro
@@ -23,14 +23,19 @@ from resources.git import CodeState
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import Lineage, RunState, StepRun
 from resources.runtime import capture
-from resources.run_store import LocalRunStore, RunError, RunExists, RunMeta, RunStatus, utcnow
+from resources.run_store import LocalRunStore, Orchestrator, RunError, RunExists, RunMeta, RunStatus, utcnow
 
 
 
 def start_run(
-    store: LocalRunStore, config: RunConfig, code: CodeState, started_at: datetime | None = None
+    store: LocalRunStore,
+    config: RunConfig,
+    code: CodeState,
+    started_at: datetime | None = None,
+    orchestrator: Orchestrator | None = None,
 ) -> RunMeta:
-    """Create the run record (status running) with its pinned SHA and configuration.
+    """Create the run record (status running) with its pinned SHA, configuration and `orchestrator`
+    (the process that will drive it; None where Dagster's run worker does).
 
     A run_id names its start to the second; a run starting in the same second as another run of the
     same code (a run that reuses every step takes under a second) waits for the next second.
@@ -49,6 +54,7 @@ def start_run(
             config=config.model_dump(mode="json"),
             env_id=env_id(capture()),
             config_hash=config_hash(config),
+            orchestrator=orchestrator,
         )
         try:
             return store.create_run(meta)
@@ -75,6 +81,37 @@ class StepOutcome:
     record: StepRecord | None = None
 
 
+def first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+@dataclass
+class TimedStep:
+    started_at: datetime
+    facts: dict = field(default_factory=dict)  # what step_ended records of a step that succeeded
+
+
+@contextmanager
+def step_timing(store: LocalRunStore, run_id: str, step: str) -> Iterator[TimedStep]:
+    """The step's timing in meta.json: running, then succeeded with the facts the block adds, or
+    failed with the block's error (the run then fails: the first error stays). In a step process
+    the process is named after the step and exits with its orchestrator."""
+    mark_step_process(step)
+    timed = TimedStep(store.update_meta(run_id, lambda m: m.step_started(step)).step_timings[step].started_at)
+    try:
+        yield timed
+    except Exception as exc:
+        error = RunError(step=step, message=first_line(exc))
+
+        def fail(m: RunMeta) -> None:
+            m.step_ended(step, "failed")
+            m.record_failure(error)
+
+        store.update_meta(run_id, fail)
+        raise
+    store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded", **timed.facts))
+
+
 @contextmanager
 def recorded_step(
     store: LocalRunStore, run_id: str, step: str, running_sha: str, lineage: Lineage | None = None
@@ -85,29 +122,19 @@ def recorded_step(
     call, so the area asset can report each file while the rest are still being built."""
     meta = store.read_meta(run_id)
     ensure_no_skew(run_id, meta.sha, step, running_sha)
-    started = store.update_meta(run_id, lambda m: m.step_started(step)).step_timings[step].started_at
     lineage = lineage or Lineage.configured(store.root)
-    attempt = StepRun(run_id, meta.created_at, step, started, step_inputs(store, run_id, step))
-    lineage.emit(attempt, RunState.START, capture().model_dump())
     outcome = StepOutcome()
-    try:
-        yield outcome
-    except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-
-        def fail(m: RunMeta) -> None:
-            m.step_ended(step, "failed")
-            m.error = m.error or RunError(step=step, message=message)
-            if m.status is RunStatus.running:  # a parallel step may have failed first
-                m.transition(RunStatus.failed)
-
-        store.update_meta(run_id, fail)
-        lineage.emit(attempt, RunState.FAIL, capture().model_dump(), error=message)
-        raise
-    record = outcome.record
-    facts = {"env_id": record.env_id, "reuse": record.reuse, "reused_from": record.reused_from,
-             "reused_parts": record.reused_parts}
-    store.update_meta(run_id, lambda m: m.step_ended(step, "succeeded", **facts))
+    with step_timing(store, run_id, step) as timed:
+        attempt = StepRun(run_id, meta.created_at, step, timed.started_at, step_inputs(store, run_id, step))
+        lineage.emit(attempt, RunState.START, capture().model_dump())
+        try:
+            yield outcome
+        except Exception as exc:
+            lineage.emit(attempt, RunState.FAIL, capture().model_dump(), error=first_line(exc))
+            raise
+        record = outcome.record
+        timed.facts.update(env_id=record.env_id, reuse=record.reuse, reused_from=record.reused_from,
+                           reused_parts=record.reused_parts)
     outputs = {str(store.path(store.run_key(run_id, rel))): digest for rel, digest in record.outputs.items()}
     lineage.emit(attempt, RunState.COMPLETE, record.environment, record.env_id, outputs)
 
@@ -155,9 +182,7 @@ def settle_run(
         if success and not failed_checks:
             meta.transition(RunStatus.completed)
             return
-        if meta.error is None:
-            meta.error = error or RunError(step="checks", message=f"failed checks: {', '.join(failed_checks) or 'see the Dagster run'}")
-        meta.transition(RunStatus.failed)
+        meta.settle_failed(error or RunError(step="checks", message=f"failed checks: {', '.join(failed_checks)}"))
 
     meta = store.read_meta(run_id)
     if meta.status is RunStatus.running:
@@ -188,7 +213,7 @@ def run_release(
     pool = pool or LocalPool(config.areas.workers)
     ledger = ledger or configured_ledger(store.root)
     lineage = lineage or Lineage.configured(store.root)
-    meta = start_run(store, config, code)
+    meta = start_run(store, config, code, orchestrator=Orchestrator.current())
     run_id = meta.run_id
 
     def work(step: str):

@@ -40,7 +40,7 @@ from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import LINEAGE_DIR
 from resources.publishers import Publisher
 from resources.registry import DuplicateVersion, LocalRegistry, RegistryBackend, VersionManifest, validate_version
-from resources.run_store import LocalRunStore, PromotionState, RunMeta, RunStatus, RunStoreError, utcnow
+from resources.run_store import LocalRunStore, PromotionState, RunMeta, RunStatus, RunStoreError, settle_orphans, utcnow
 
 Result = TypeVar("Result")
 STAGING_MANIFEST = "manifest.json"
@@ -340,10 +340,10 @@ def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[st
     unreadable, or empty while production/ holds versions or a run is promoted."""
     if keep < 0:
         raise ValueError(f"--keep {keep}: expected a number of runs >= 0")
-    # settle_orphans(store)  # MERGE: the crash engineer's settlement, so a dead orchestrator's run is failed, not running
+    settle_orphans(store)  # a run whose orchestrator died is failed (removable), not running
     registries = [registry] + ([] if isinstance(registry, LocalRegistry) else [LocalRegistry.in_store(store.root)])
     runs = store.list_runs()
-    published = sorted(p.name for p in store.path(PRODUCTION).iterdir()) if store.path(PRODUCTION).is_dir() else []
+    published = sorted(p.name for p in store.path(PRODUCTION).iterdir() if not p.name.startswith(".")) if store.path(PRODUCTION).is_dir() else []
     promoted = [m.run_id for m in runs if m.status is RunStatus.promoted]
     if (published or promoted) and not any(r.read().versions for r in registries):
         shown = f"production/ holds {', '.join(published)}" if published else f"run {promoted[0]} is promoted"

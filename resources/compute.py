@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import sys
 import tempfile
+import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from resources.run_store import process_alive
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -16,12 +24,67 @@ Result = TypeVar("Result")
 _worker_state: dict = {}
 
 
-def _init_worker(loader: Callable, loader_args: tuple) -> None:
-    _worker_state["inputs"] = loader(*loader_args)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STEP_NAME_CHARS = 15  # what the kernel keeps of a process name
 
 
-def _call(task: Callable, item, out_root: Path):
-    return task(item, _worker_state["inputs"], out_root)
+def _init_worker(loader: Callable | None, loader_args: tuple) -> None:
+    """A pool worker: dies with the step process that owns the pool, then loads the inputs unless
+    it inherited them (fork)."""
+    exit_with_parent()
+    if loader is not None:
+        _worker_state["inputs"] = loader(*loader_args)
+
+
+def mark_step_process(step: str) -> None:
+    """In a step process (a multiprocessing child; Dagster's executor starts one per step): name it
+    after the step, as ps and top show it, and have it exit as soon as the orchestrator dies.
+    Outside a child process this does nothing."""
+    if multiprocessing.parent_process() is None:
+        return
+    try:
+        Path("/proc/self/comm").write_text(step[:STEP_NAME_CHARS])
+    except OSError:  # no /proc: the name is for operators only
+        pass
+    exit_with_parent()
+
+
+_parent_watch: list[threading.Thread] = []
+
+
+def exit_with_parent() -> None:
+    """In a multiprocessing child: exit when the process that started it dies, so that no child of
+    a killed run lives on.
+
+    A child forked by its parent (pool workers) asks the kernel for SIGKILL on the parent's death
+    (Linux), and exits at once if the parent died before it asked. A child forked by a forkserver
+    (Dagster's step processes) has the server as its OS parent, which lives while any child does;
+    it watches the pipe multiprocessing gives every child as its parent's sentinel, which closes
+    when the parent dies.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    if os.getppid() == parent.pid and sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent.pid:
+            os._exit(1)
+        return
+    if not process_alive(parent.pid):
+        os._exit(1)
+    if not _parent_watch:
+        watch = threading.Thread(target=_exit_when_gone, args=(parent.sentinel,), name="parent-watch", daemon=True)
+        watch.start()
+        _parent_watch.append(watch)
+
+
+def _exit_when_gone(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
+
+
+def _call_chunk(task: Callable, chunk: list, out_root: Path) -> list:
+    return [task(item, _worker_state["inputs"], out_root) for item in chunk]
 
 
 def usable_cores() -> int:
@@ -33,16 +96,6 @@ def usable_cores() -> int:
 
 def default_start_method() -> str:
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "forkserver"
-
-
-def _process_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # running, as another user
-        pass
-    return True
 
 
 class CoreShare:
@@ -80,11 +133,52 @@ class CoreShare:
         except FileNotFoundError:  # a /tmp cleaner removed it under a running fit
             entries = []
         for entry in entries:
-            if entry.name.isdigit() and _process_running(int(entry.name)):
+            if entry.name.isdigit() and process_alive(int(entry.name)):
                 running += 1
             else:
                 entry.unlink(missing_ok=True)
         return max(1, self.cores // max(1, running))
+
+
+class _WorkerRecordingContext:
+    """A pool's multiprocessing context that keeps the worker processes it makes, so that the pool
+    can tell which one died and stop the rest."""
+
+    def __init__(self, context):
+        self._context = context
+        self.workers: list = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    def Process(self, *args, **kwargs):  # noqa: N802 (the context's own name)
+        worker = self._context.Process(*args, **kwargs)
+        self.workers.append(worker)
+        return worker
+
+
+class WorkerDied(RuntimeError):
+    """A pool worker exited without a result (killed, or exited on its own)."""
+
+
+def _died(workers: list) -> str:
+    """Which worker died, and how (the pool terminates the others, SIGTERM, once one has died); the
+    rest are stopped."""
+    dead = sorted((w for w in workers if w.exitcode is not None), key=lambda w: (w.exitcode == -signal.SIGTERM, w.pid))
+    _kill(workers)
+    if not dead:
+        return "a pool worker died"
+    pid, code = dead[0].pid, dead[0].exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    return f"pool worker (pid {pid}) died: {how}"
+
+
+def _kill(workers: list) -> None:
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    for worker in workers:
+        worker.join()
 
 
 class LocalPool:
@@ -127,19 +221,29 @@ class LocalPool:
             inputs = loader(*loader_args)
             yield from (task(item, inputs, out_root) for item in items)
             return
-        context = multiprocessing.get_context(self.start_method)
-        initializer, initargs = _init_worker, (loader, loader_args)
+        context = _WorkerRecordingContext(multiprocessing.get_context(self.start_method))
+        initargs = (loader, loader_args)
         if self.start_method == "fork":
             _worker_state["inputs"] = loader(*loader_args)
-            initializer, initargs = None, ()
+            initargs = (None, ())
         elif self.start_method == "forkserver":  # workers fork from a server that has imported the task
             context.set_forkserver_preload([task.__module__, loader.__module__])
         chunksize = max(1, len(items) // (self.workers * 8))
         try:
             with ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=context, initializer=initializer, initargs=initargs
+                max_workers=self.workers, mp_context=context, initializer=_init_worker, initargs=initargs
             ) as pool:
-                yield from pool.map(_call, [task] * len(items), items, [out_root] * len(items), chunksize=chunksize)
+                chunks = [pool.submit(_call_chunk, task, items[i:i + chunksize], out_root)
+                          for i in range(0, len(items), chunksize)]
+                workers = context.workers
+                try:
+                    for chunk in chunks:
+                        yield from chunk.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(_died(workers)) from None
+                except BaseException:  # a worker's error, or the consumer gone: stop the rest now
+                    _kill(workers)  # the pool then fails the pending chunks (none is cancelled under it)
+                    raise
         finally:
             _worker_state.clear()
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import socket
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -139,6 +140,55 @@ class RunError(BaseModel):
     message: str
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux); None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the command name, in parentheses, may hold spaces
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot, so that a reused pid is told apart
+    from the process recorded; None where that cannot be read (no such process, no /proc)."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None  # stat field 22
+
+
+def process_alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its parent, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        pass
+    fields = _proc_stat(pid)
+    return not (fields and fields[0] == "Z")
+
+
+class Orchestrator(BaseModel):
+    """The process that drives a run (runs its steps and settles its record): the next command can
+    tell a run whose orchestrator died from one still running."""
+
+    host: str
+    pid: int
+    start_ticks: int | None = None  # process_start_ticks(pid) when the run started or resumed
+
+    @classmethod
+    def current(cls) -> "Orchestrator":
+        return cls(host=socket.gethostname(), pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()))
+
+    def is_gone(self) -> bool:
+        """True only when it certainly died: on this host, and its pid is free or now another process's."""
+        if self.host != socket.gethostname():
+            return False
+        if not process_alive(self.pid):
+            return True
+        return self.start_ticks is not None and process_start_ticks(self.pid) not in (None, self.start_ticks)
+
+
 class PromotionState(BaseModel):
     """Where a promotion got to: what each backend holds, and what failed (the registry is written
     only when every backend succeeded, so a failed promotion is simply run again)."""
@@ -168,6 +218,7 @@ class RunMeta(BaseModel):
     step_timings: dict[str, StepTiming] = Field(default_factory=dict)
     error: RunError | None = None
     promotion: PromotionState | None = None
+    orchestrator: Orchestrator | None = None  # None: a run driven by Dagster's own run worker
 
     def transition(self, status: RunStatus) -> None:
         if status not in ALLOWED_TRANSITIONS[self.status]:
@@ -188,6 +239,39 @@ class RunMeta(BaseModel):
         for name, value in facts.items():
             setattr(timing, name, value)
         self.step_timings[step] = timing
+
+    def running_steps(self) -> list[str]:
+        return [step for step, timing in self.step_timings.items() if timing.status == "running"]
+
+    def record_failure(self, error: RunError) -> None:
+        """The run fails; the first error stays (a parallel step may have failed first)."""
+        self.error = self.error or error
+        if self.status is RunStatus.running:
+            self.transition(RunStatus.failed)
+
+    def settle_failed(self, error: RunError) -> None:
+        """Settle a run that nothing drives any more as failed: every step still recorded as running
+        is closed as failed too, as it will never end."""
+        for step in self.running_steps():
+            self.step_ended(step, "failed")
+        self.record_failure(error)
+
+    def orphaned(self) -> bool:
+        """Running, with an orchestrator that died: nothing will ever settle it but the next command."""
+        return self.status is RunStatus.running and self.orchestrator is not None and self.orchestrator.is_gone()
+
+    def orphan_error(self) -> RunError:
+        """The failure of an orphaned run, under the step that was running (else the last started)."""
+        running = self.running_steps()
+        pid = self.orchestrator.pid if self.orchestrator else "?"
+        if running:
+            return RunError(step=running[0], message=f"the orchestrator (pid {pid}) died while {', '.join(running)} "
+                            f"{'was' if len(running) == 1 else 'were'} running")
+        if not self.step_timings:
+            return RunError(step="run", message=f"the orchestrator (pid {pid}) died before any step started")
+        last = max(self.step_timings, key=lambda step: self.step_timings[step].started_at)
+        return RunError(step=last, message=f"the orchestrator (pid {pid}) died after {last} "
+                        f"{self.step_timings[last].status}, before the next step started")
 
 
 class LocalRunStore:
@@ -349,3 +433,23 @@ class LocalRunStore:
     def atomic_run_file(self, run_id: str, rel: str) -> Iterator[Path]:
         with atomic_path(self.output_path(run_id, rel)) as tmp:
             yield tmp
+
+
+def settle_if_orphaned(store: LocalRunStore, run_id: str) -> RunMeta:
+    """The run's record, settled as failed first if its orchestrator died while it was running
+    (checked again under the record's lock, so two commands settle it once)."""
+    meta = store.read_meta(run_id)
+    if not meta.orphaned():
+        return meta
+
+    def settle(m: RunMeta) -> None:
+        if m.orphaned():
+            m.settle_failed(m.orphan_error())
+
+    return store.update_meta(run_id, settle)
+
+
+def settle_orphans(store: LocalRunStore) -> list[str]:
+    """Settle as failed every run of the store whose orchestrator died; returns their run_ids."""
+    orphans = [meta.run_id for meta in store.list_runs() if meta.orphaned()]
+    return [run_id for run_id in orphans if settle_if_orphaned(store, run_id).status is RunStatus.failed]

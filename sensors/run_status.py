@@ -22,6 +22,7 @@ from dagster import (
 from pipeline_assets.checks import failing_checks
 from pipeline_assets.driver import settle_run
 from pipeline_assets.jobs import release_job
+from pipeline_assets.launch import step_failure_error
 from resources.dagster_resources import RunStoreResource
 from resources.run_store import LocalRunStore, RunError
 
@@ -73,13 +74,8 @@ def release_failure_sensor(context: RunFailureSensorContext, run_store: RunStore
     if not record:
         return
     store, run_id = record
-    step, message = "run", context.failure_event.message  # failed outside any step (launch, executor)
-    failures = context.get_step_failure_events()
-    if failures:
-        step, error = failures[0].step_key, failures[0].step_failure_data.error
-        while error and error.cause:  # the user's own exception, not Dagster's wrapper around it
-            error = error.cause
-        message = error.message if error else f"step {step} failed"
-    line = next(iter((message or "").strip().splitlines()), "the Dagster run failed")
-    meta = settle_run(store, run_id, success=False, failed_checks=[], error=RunError(step=step, message=line))
+    outside = next(iter((context.failure_event.message or "").strip().splitlines()), "the Dagster run failed")
+    logs = context.instance.all_logs(context.dagster_run.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.ENGINE_EVENT})
+    error = step_failure_error([entry.dagster_event for entry in logs]) or RunError(step="run", message=outside)
+    meta = settle_run(store, run_id, success=False, failed_checks=[], error=error)
     context.log.info(f"run {run_id}: {meta.status.value}")
