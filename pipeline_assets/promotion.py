@@ -323,7 +323,7 @@ def referenced_runs(store: LocalRunStore, registries: list[RegistryBackend]) -> 
     which run it publishes."""
     referenced = {entry.run_id for registry in registries for entry in registry.read().versions}
     production = store.path(PRODUCTION)
-    for tro in sorted(production.glob("*/*.jsonld")) if production.is_dir() else []:
+    for tro in sorted(p for p in production.glob("*/*.jsonld") if not p.parent.name.startswith(".")) if production.is_dir() else []:
         try:
             graph = json.loads(tro.read_bytes())["@graph"]
             referenced |= {node["pe:runId"] for node in graph if "pe:runId" in node}
