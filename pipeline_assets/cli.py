@@ -333,8 +333,6 @@ def command_verify(args: argparse.Namespace) -> int:
     from pipeline_assets.promotion import verify_production
     from pipeline_assets.tro import verify_run
 
-    if (args.run_id is None) == (args.release is None):
-        raise CliError("verify takes a run_id or --release VERSION (exactly one)")
     store = LocalRunStore()
     if args.release is not None:
         validate_version(args.release)
@@ -712,6 +710,8 @@ def preflight(args: argparse.Namespace) -> None:
     the Dagster instance, the ledger, lineage, the signing key, the runs it names), checked before it
     starts work: one CliError line naming the value and what was expected, and nothing written."""
     command = args.command
+    if command == "verify" and (args.run_id is None) == (args.release is None):  # before the run it names is read
+        raise CliError("verify takes a run_id or --release VERSION (exactly one)")
     _check_variables(command)
     _check_store(command)
     if command in USES_INSTANCE:
