@@ -342,9 +342,9 @@ def command_reproduce(args: argparse.Namespace) -> int:
 
     store = LocalRunStore()
     code = code_state(SOURCE_ROOT)
-    check_reproducible(store, args.run_id, code, running_code_sha(), args.force)  # refused before the instance is made
     config = RunConfig.model_validate(store.read_meta(args.run_id).config)
     refuse_fits_without_their_device(config)
+    check_reproducible(store, args.run_id, code, running_code_sha(), args.force)  # refused before the instance is made
     dagster_home()
     print(f"reproducing {args.run_id} at {code.sha}")
     with DagsterInstance.get() as instance:
