@@ -28,7 +28,7 @@ from resources.ledger import LEDGER_VARIABLE, location_problem, redact
 from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
 from resources.publishers import PublishError
 from resources.registry import RegistryError, validate_version
-from resources.run_store import STORE_VARIABLE, LocalRunStore, RunMeta, RunStoreError, StepTiming, directory_problem
+from resources.run_store import DEFAULT_STORE, STORE_VARIABLE, LocalRunStore, RunMeta, RunStoreError, StepTiming, directory_problem
 from resources.runtime import IMAGE_DIGEST_VARIABLES, INSTANCE_VARIABLES, POOL_VARIABLES, PROVIDER_VARIABLES, REGION_VARIABLES
 
 if TYPE_CHECKING:  # the launcher imports Dagster; commands that need it import it themselves
@@ -634,6 +634,7 @@ ENVIRONMENT = (
 
 
 def _check_variables(command: str) -> None:
+    """Each variable `command` reads, against what it must be; a URL-like value is shown redacted."""
     for variable in ENVIRONMENT:
         value = os.environ.get(variable.name)
         if command not in variable.commands or value is None or (value == "" and variable.empty_is_unset):
@@ -647,7 +648,7 @@ def _check_variables(command: str) -> None:
 def _check_store(command: str) -> None:
     value = os.environ.get(STORE_VARIABLE)
     if value == "":
-        raise CliError(f"{STORE_VARIABLE} is set but empty: expected the run store's directory (unset, it is ./.pipeline-data)")
+        raise CliError(f"{STORE_VARIABLE} is set but empty: expected the run store's directory (unset, it is ./{DEFAULT_STORE})")
     problem = directory_problem(LocalRunStore().root, writable=command in WRITES_STORE)
     if problem:
         raise CliError(f"{STORE_VARIABLE}={problem}" if value else f"run store {problem}")
