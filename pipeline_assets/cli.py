@@ -28,7 +28,17 @@ from resources.ledger import LEDGER_VARIABLE, location_problem, redact
 from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
 from resources.publishers import PublishError
 from resources.registry import RegistryError, validate_version
-from resources.run_store import STORE_VARIABLE, LocalRunStore, RunMeta, RunStoreError, StepTiming, directory_problem, settle_if_orphaned, settle_orphans
+from resources.run_store import (
+    DEFAULT_STORE,
+    STORE_VARIABLE,
+    LocalRunStore,
+    RunMeta,
+    RunStoreError,
+    StepTiming,
+    directory_problem,
+    settle_if_orphaned,
+    settle_orphans,
+)
 from resources.runtime import IMAGE_DIGEST_VARIABLES, INSTANCE_VARIABLES, POOL_VARIABLES, PROVIDER_VARIABLES, REGION_VARIABLES
 
 if TYPE_CHECKING:  # the launcher imports Dagster; commands that need it import it themselves
@@ -359,9 +369,9 @@ def command_reproduce(args: argparse.Namespace) -> int:
 
     store = LocalRunStore()
     code = code_state(SOURCE_ROOT)
-    check_reproducible(store, args.run_id, code, running_code_sha(), args.force)  # refused before the instance is made
     config = RunConfig.model_validate(store.read_meta(args.run_id).config)
     refuse_fits_without_their_device(config)
+    check_reproducible(store, args.run_id, code, running_code_sha(), args.force)  # refused before the instance is made
     dagster_home()
     print(f"reproducing {args.run_id} at {code.sha}")
     with DagsterInstance.get() as instance:
@@ -651,6 +661,7 @@ ENVIRONMENT = (
 
 
 def _check_variables(command: str) -> None:
+    """Each variable `command` reads, against what it must be; a URL-like value is shown redacted."""
     for variable in ENVIRONMENT:
         value = os.environ.get(variable.name)
         if command not in variable.commands or value is None or (value == "" and variable.empty_is_unset):
@@ -664,7 +675,7 @@ def _check_variables(command: str) -> None:
 def _check_store(command: str) -> None:
     value = os.environ.get(STORE_VARIABLE)
     if value == "":
-        raise CliError(f"{STORE_VARIABLE} is set but empty: expected the run store's directory (unset, it is ./.pipeline-data)")
+        raise CliError(f"{STORE_VARIABLE} is set but empty: expected the run store's directory (unset, it is ./{DEFAULT_STORE})")
     problem = directory_problem(LocalRunStore().root, writable=command in WRITES_STORE)
     if problem:
         raise CliError(f"{STORE_VARIABLE}={problem}" if value else f"run store {problem}")
