@@ -24,6 +24,7 @@ from pipeline_assets.driver import start_run
 from pipeline_assets.promotion import clean, promote, stage_release
 from pipeline_assets.reuse import find_reusable
 from pipeline_assets.steps.config import config_for_scale
+from pipeline_assets.tro import SealedRunLender
 from resources.git import CodeState
 from resources.ledger import LEDGER_VARIABLE
 from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE
@@ -380,7 +381,8 @@ def test_a_listing_names_each_unreadable_record_once_and_lists_the_rest(world, m
 @pytest.mark.reliability("bad_input")
 def test_the_reuse_scan_of_a_new_run_passes_over_unreadable_run_records(world, caplog):
     store = LocalRunStore(world["paths"]["broken"])
-    assert find_reusable(store, "0.1.0_a1b2c3d4_20990101_000000", "source_datasets", "no-such-key") is None
+    found = find_reusable(store, "0.1.0_a1b2c3d4_20990101_000000", "source_datasets", "no-such-key", SealedRunLender(store))
+    assert found is None
     assert sum("unreadable record" in r.getMessage() for r in caplog.records) >= len(BAD_META)
 
 
