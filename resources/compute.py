@@ -162,10 +162,8 @@ class WorkerDied(RuntimeError):
 
 
 def _died(workers: list) -> str:
-    """Which worker died, and how (the pool terminates the others, SIGTERM, once one has died); the
-    rest are stopped."""
+    """Which worker died, and how (the pool terminates the others, SIGTERM, once one has died)."""
     dead = sorted((w for w in workers if w.exitcode is not None), key=lambda w: (w.exitcode == -signal.SIGTERM, w.pid))
-    _kill(workers)
     if not dead:
         return "a pool worker died"
     pid, code = dead[0].pid, dead[0].exitcode
@@ -240,6 +238,7 @@ class LocalPool:
                     for chunk in chunks:
                         yield from chunk.result()
                 except BrokenProcessPool:
+                    pool.shutdown(wait=True)  # the pool reaps its workers: their exit codes are known after
                     raise WorkerDied(_died(workers)) from None
                 except BaseException:  # a worker's error, or the consumer gone: stop the rest now
                     _kill(workers)  # the pool then fails the pending chunks (none is cancelled under it)

@@ -262,8 +262,7 @@ class RunMeta(BaseModel):
 
     def orphan_error(self) -> RunError:
         """The failure of an orphaned run, under the step that was running (else the last started)."""
-        running = self.running_steps()
-        pid = self.orchestrator.pid if self.orchestrator else "?"
+        running, pid = self.running_steps(), self.orchestrator.pid
         if running:
             return RunError(step=running[0], message=f"the orchestrator (pid {pid}) died while {', '.join(running)} "
                             f"{'was' if len(running) == 1 else 'were'} running")

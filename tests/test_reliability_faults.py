@@ -429,3 +429,17 @@ def test_a_staging_error_is_recorded_under_staged_release_with_its_first_line(tm
     from_events = step_failure_error(result.all_events)
     assert from_events.step == "staged_release" and "489 of its area files missing" in from_events.message
     assert "\n" not in from_events.message
+
+
+def test_status_of_all_runs_settles_the_one_whose_orchestrator_died(tmp_path, monkeypatch, capsys):
+    from pipeline_assets.cli import main
+
+    monkeypatch.setenv("PIPELINE_STORE", str(tmp_path / "store"))
+    store = LocalRunStore()
+    dead = Orchestrator.current().model_copy(update={"pid": _gone_pid()})
+    orphan = _running_run(store, dead, {"policy_data_db": "running"})
+    live = _running_run(store, Orchestrator.current(), {"policy_data_db": "running"})
+    assert main(["status"]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows == {orphan: "failed", live: "running"}
+    assert store.read_meta(orphan).error.message == f"the orchestrator (pid {dead.pid}) died while policy_data_db was running"
