@@ -322,14 +322,19 @@ def referenced_runs(store: LocalRunStore, registries: list[RegistryBackend]) -> 
     and the run TRO it publishes). A file there that cannot be read refuses: clean cannot tell
     which run it publishes."""
     referenced = {entry.run_id for registry in registries for entry in registry.read().versions}
-    production = store.path(PRODUCTION)
-    for tro in sorted(p for p in production.glob("*/*.jsonld") if not p.parent.name.startswith(".")) if production.is_dir() else []:
-        try:
+    for tro in (tro for version in published_versions(store) for tro in sorted(version.glob("*.jsonld"))):
+        try:  # only the run ids: any TRO that names one (a release's, the run's it publishes) will do
             graph = json.loads(tro.read_bytes())["@graph"]
             referenced |= {node["pe:runId"] for node in graph if "pe:runId" in node}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CleanRefused(f"cannot tell which run {tro} publishes ({type(exc).__name__}): nothing removed") from None
     return referenced
+
+
+def published_versions(store: LocalRunStore) -> list[Path]:
+    """What production/ holds by version (a hidden name, like the publisher's .incoming, is none)."""
+    production = store.path(PRODUCTION)
+    return sorted(p for p in production.iterdir() if not p.name.startswith(".")) if production.is_dir() else []
 
 
 @under_release_lock
@@ -343,7 +348,7 @@ def clean(store: LocalRunStore, registry: RegistryBackend, keep: int) -> list[st
     settle_orphans(store)  # a run whose orchestrator died is failed (removable), not running
     registries = [registry] + ([] if isinstance(registry, LocalRegistry) else [LocalRegistry.in_store(store.root)])
     runs = store.list_runs()
-    published = sorted(p.name for p in store.path(PRODUCTION).iterdir() if not p.name.startswith(".")) if store.path(PRODUCTION).is_dir() else []
+    published = [version.name for version in published_versions(store)]
     promoted = [m.run_id for m in runs if m.status is RunStatus.promoted]
     if (published or promoted) and not any(r.read().versions for r in registries):
         shown = f"production/ holds {', '.join(published)}" if published else f"run {promoted[0]} is promoted"
