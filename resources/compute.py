@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from resources.run_store import process_alive
+from resources.processes import process_alive
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

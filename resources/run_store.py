@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from resources.files import atomic_path, write_bytes_atomic
+from resources.processes import process_alive, process_start_ticks
 
 STORE_VARIABLE = "PIPELINE_STORE"
 DEFAULT_STORE = ".pipeline-data"
@@ -138,34 +139,6 @@ class StepTiming(BaseModel):
 class RunError(BaseModel):
     step: str
     message: str
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (Linux); None where it cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()  # the command name, in parentheses, may hold spaces
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot, so that a reused pid is told apart
-    from the process recorded; None where that cannot be read (no such process, no /proc)."""
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields else None  # stat field 22
-
-
-def process_alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped by its parent, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # running, as another user
-        pass
-    fields = _proc_stat(pid)
-    return not (fields and fields[0] == "Z")
 
 
 class Orchestrator(BaseModel):
