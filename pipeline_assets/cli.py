@@ -431,8 +431,9 @@ def command_promote(args: argparse.Namespace) -> int:
         dagster_home()
         with DagsterInstance.get() as instance:
             result = _execute_promotion(instance, store, args)
-    if not result.success:
-        raise promotion_job_error(result, args.run_id)
+            error = promotion_job_error(instance, result, args.run_id)
+    if error is not None:
+        raise error
     meta = store.read_meta(args.run_id)
     print(f"promoted {args.run_id} as {args.version} to {', '.join(meta.promotion.published)}")
     current = registry.read().current
@@ -443,17 +444,18 @@ def command_promote(args: argparse.Namespace) -> int:
 
 
 def _execute_promotion(instance, store: LocalRunStore, args: argparse.Namespace):
+    """The promote job for the version's partition (added here: the registry's versions are its partitions)."""
     from pipeline_assets.definitions import defs
-    from pipeline_assets.partitions import RUN_IDS
+    from pipeline_assets.partitions import RELEASE_VERSIONS
 
-    if not instance.has_dynamic_partition(RUN_IDS, args.run_id):
-        instance.add_dynamic_partitions(RUN_IDS, [args.run_id])
+    if not instance.has_dynamic_partition(RELEASE_VERSIONS, args.version):
+        instance.add_dynamic_partitions(RELEASE_VERSIONS, [args.version])
     return defs.resolve_job_def("promote").execute_in_process(
-        partition_key=args.run_id,
+        partition_key=args.version,
         instance=instance,
         raise_on_error=False,
         run_config={
-            "ops": {"promotion": {"config": {"version": args.version, "allow_dirty": args.allow_dirty}}},
+            "ops": {"promotion": {"config": {"run_id": args.run_id, "allow_dirty": args.allow_dirty}}},
             "resources": {"run_store": {"config": {"root": str(store.root)}}},
             # A failure's traceback stays in the Dagster run; the user gets its one line from us.
             "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
@@ -461,9 +463,17 @@ def _execute_promotion(instance, store: LocalRunStore, args: argparse.Namespace)
     )
 
 
-def promotion_job_error(result, run_id: str) -> Exception:
-    """The promotion step's own exception (under Dagster's wrappers) as its one line: a refusal is
-    PromotionRefused (exit 2, nothing written), anything else a failed promotion (exit 1)."""
+def promotion_job_error(instance, result, run_id: str) -> Exception | None:
+    """None when the promote run published; else its one line: a refusal (tagged on the run by the
+    promotion asset, which wrote nothing) is PromotionRefused (exit 2), a failed step PromotionFailed
+    (exit 1), with the step's own exception under Dagster's wrappers."""
+    from pipeline_assets.release import REFUSED_TAG
+
+    refusal = instance.get_run_by_id(result.run_id).tags.get(REFUSED_TAG)
+    if refusal is not None:
+        return PromotionRefused(refusal)
+    if result.success:
+        return None
     failure = next((e for e in result.all_events if e.is_step_failure), None)
     error = failure.step_failure_data.error if failure else None
     while error is not None and error.cause is not None:
@@ -472,19 +482,24 @@ def promotion_job_error(result, run_id: str) -> Exception:
         return PromotionFailed(f"promotion of {run_id} failed before its step ran: see the Dagster run {result.run_id}")
     line = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
     line = line.removeprefix(f"{error.cls_name}: ").split(f".{error.cls_name}: ", 1)[-1]  # the module-qualified name too
-    if error.cls_name in (PromotionRefused.__name__, "InvalidVersion", "DuplicateVersion"):
-        return PromotionRefused(line)
     return PromotionFailed(f"promotion of {run_id} failed: {line}")
 
 
 def command_rollback(args: argparse.Namespace) -> int:
     """rollback() checks and publishes under the store's release lock; its refusals write nothing."""
+    from dagster import DagsterInstance
+
+    from pipeline_assets.launch import dagster_home
     from pipeline_assets.promotion import rollback
+    from pipeline_assets.release import record_rollback
 
     store = LocalRunStore()
     backends = _backends()
-    entry = rollback(store, args.to_version, args.as_version, backends.publishers(store),
-                     backends.registry_backend(store), store.root / "production")
+    registry = backends.registry_backend(store)
+    entry = rollback(store, args.to_version, args.as_version, backends.publishers(store), registry, store.root / "production")
+    dagster_home()
+    with DagsterInstance.get() as instance:
+        record_rollback(instance, entry, registry.read().current)
     print(f"released {entry.version}: the files of {entry.roll_back_version} (run {entry.run_id}); current is {entry.version}")
     return 0
 
@@ -610,7 +625,7 @@ EXECUTES = frozenset({"run", "resume", "reproduce"})  # run steps: code, compute
 RELEASES = frozenset({"promote", "rollback"})
 USES_REGISTRY = RELEASES | {"versions", "clean"}
 LOADS_DEFINITIONS = EXECUTES | USES_REGISTRY  # import pipeline_assets.definitions (resources, sensors)
-USES_INSTANCE = EXECUTES | {"promote", "clean"}
+USES_INSTANCE = EXECUTES | RELEASES | {"clean"}
 WRITES_STORE = EXECUTES | RELEASES | {"clean"}
 RUN_ID_ARGUMENTS = ("run_id", "run_a", "run_b")
 MODAL_GPU = re.compile(r"(T4|L4|A10G?|A100(-40GB|-80GB)?|L40S|H100!?|H200|B200)(:[1-8])?", re.IGNORECASE)

@@ -207,3 +207,58 @@ def test_cli_promote_versions_and_refusal(store, monkeypatch, capsys, tmp_path):
     assert "promoted" in capsys.readouterr().err
     assert main(["rollback", "--to", "7.0.0", "--as", "7.0.1"]) == 0
     assert main(["clean", "--keep", "-1"]) == 2
+
+
+def _promote_in_dagster(instance, store, version: str, run_id: str):
+    from pipeline_assets.definitions import defs
+    from pipeline_assets.partitions import RELEASE_VERSIONS
+
+    if not instance.has_dynamic_partition(RELEASE_VERSIONS, version):
+        instance.add_dynamic_partitions(RELEASE_VERSIONS, [version])
+    return defs.resolve_job_def("promote").execute_in_process(
+        partition_key=version, instance=instance, raise_on_error=False,
+        run_config={"ops": {"promotion": {"config": {"run_id": run_id}}},
+                    "resources": {"run_store": {"config": {"root": str(store.root)}}}},
+    )
+
+
+def test_promotion_partitions_are_the_registry_versions_and_a_refusal_fails_nothing(store, monkeypatch):
+    """A promoted version is a materialized partition of promotion; a refused request materializes
+    nothing, fails no step, names its reason on the run, and leaves no partition the registry lacks."""
+    from dagster import AssetKey, DagsterEventType, instance_for_test
+
+    from pipeline_assets.partitions import RELEASE_VERSIONS
+    from pipeline_assets.release import REFUSED_TAG
+
+    store, run_id = store
+    monkeypatch.setenv("PIPELINE_STORE", str(store.root))
+    with instance_for_test() as instance:
+        first = _promote_in_dagster(instance, store, "7.0.0", run_id)
+        assert first.success and instance.get_run_by_id(first.run_id).tags.get(REFUSED_TAG) is None
+        materialized = first.asset_materializations_for_node("promotion")
+        assert [m.partition for m in materialized] == ["7.0.0"]
+        assert materialized[0].metadata["run_id"].value == run_id and materialized[0].metadata["current"].value == "7.0.0"
+
+        for version in ("7.0.0", "7.1.0"):  # a duplicate version; a new version for a run promoted already
+            refused = _promote_in_dagster(instance, store, version, run_id)
+            assert refused.success and not refused.asset_materializations_for_node("promotion")
+            assert not [e for e in refused.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+            reason = instance.get_run_by_id(refused.run_id).tags[REFUSED_TAG]
+            assert "\n" not in reason and ("already in the registry" in reason or "already promoted" in reason)
+        assert instance.get_dynamic_partitions(RELEASE_VERSIONS) == ["7.0.0"]
+        assert instance.get_materialized_partitions(AssetKey("promotion")) == {"7.0.0"}
+        assert [e.version for e in LocalRegistry.in_store(store.root).read().versions] == ["7.0.0"]
+
+
+def test_a_rollback_is_browsed_as_its_version_partition(store, monkeypatch, tmp_path, capsys):
+    from dagster import AssetKey, DagsterInstance
+
+    store, run_id = store
+    monkeypatch.setenv("PIPELINE_STORE", str(store.root))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert main(["promote", run_id, "--version", "7.0.0"]) == 0
+    assert main(["rollback", "--to", "7.0.0", "--as", "7.0.1"]) == 0
+    with DagsterInstance.get() as instance:
+        assert instance.get_materialized_partitions(AssetKey("promotion")) == {"7.0.0", "7.0.1"}
+        latest = instance.get_latest_materialization_event(AssetKey("promotion")).asset_materialization
+        assert latest.partition == "7.0.1" and latest.metadata["roll_back_version"].value == "7.0.0"
