@@ -32,3 +32,26 @@ def process_alive(pid: int) -> bool:
         pass
     fields = _proc_stat(pid)
     return not (fields and fields[0] == "Z")
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of `pid` and its living descendants (a server and the
+    subprocesses it started); 0 for a process that cannot be read."""
+    ticks, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        fields = _proc_stat(current)
+        if fields:
+            ticks += int(fields[11]) + int(fields[12])  # stat fields 14 and 15: utime, stime
+        pending += _children(current)
+    return ticks / os.sysconf("SC_CLK_TCK")
