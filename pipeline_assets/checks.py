@@ -153,8 +153,8 @@ def class_history_check(store: LocalRunStore, run_id: str, name: str, factor: fl
         severity=AssetCheckSeverity.WARN,
         description=verdict.summary(),
         metadata={
-            FIT_ERROR: verdict.value,
-            "class_median": float("nan") if verdict.class_median is None else verdict.class_median,
+            FIT_ERROR: rounded(verdict.value),
+            "class_median": float("nan") if verdict.class_median is None else rounded(verdict.class_median),
             "history_factor": factor,
             "history_runs": len(verdict.history),
             "class": f"config_hash {run.config_hash}, dataset_sha256 {run.dataset_sha256}",
