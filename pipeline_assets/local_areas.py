@@ -32,8 +32,6 @@ ALL_AREAS = (*geography.areas(), geography.NATIONAL)
 AREA_BY_KEY = {area_key(area): area for area in ALL_AREAS}
 KEY_BY_CODE = {area.code: key for key, area in AREA_BY_KEY.items()}
 AREA_KEYS = tuple(AREA_BY_KEY)
-
-
 AREA_NAMES = geography.area_names()
 POPULATION_TARGETS = population_targets()
 
@@ -42,7 +40,7 @@ def describe(area: geography.Area) -> str:
     """The area by name, with the population target its weights are calibrated to."""
     target = POPULATION_TARGETS.get(area.code)
     calibrated = (f"calibrated to a population of {target:,.0f} (ACS S0101)" if target is not None
-                  else "not a calibration geography: the weights of its counties' records, with no target of its own")
+                  else "not a calibration geography (no population target of its own): its counties' records and weights")
     return f"{AREA_NAMES[area.code]}: {area.relpath}, {calibrated}."
 
 

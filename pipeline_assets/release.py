@@ -23,7 +23,8 @@ PROMOTION_CODE_VERSION = code_version("pipeline_assets.promotion")
     code_version=PROMOTION_CODE_VERSION,
     group_name="release",
     # Every file it stages is an edge: the 488 areas, national_h5 and run_diagnostics (whose step
-    # comes after the fits, so the earlier artifacts are upstream of it too).
+    # comes after the fits, so the earlier artifacts are upstream of it too). The price of the true
+    # lineage: Dagster reads each edge's data version at the step's end, one query per edge.
     deps=[*AREA_KEYS, AssetKey("run_diagnostics")],
     kinds={"folder"},
     owners=OWNERS,

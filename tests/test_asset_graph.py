@@ -19,10 +19,13 @@ import pytest
 from dagster import AssetKey, TableSchema
 
 from pipeline_assets import defs
-from pipeline_assets.checks import ALL_CHECKS
+from pipeline_assets.checks import ALL_CHECKS, area_file_result
 from pipeline_assets.jobs import RELEASE_JOB
 from pipeline_assets.local_areas import AREA_KEYS, NATIONAL_KEY
+from pipeline_assets.materialize import rounded
+from pipeline_assets.reuse import StepRecord
 from pipeline_assets.steps import geography
+from resources.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_INPUTS = {AssetKey("source_datasets"), AssetKey("calibration_package"), AssetKey("state_weights")}
@@ -203,3 +206,23 @@ def test_loading_the_definitions_warns_nothing():
     done = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_area_file_check_reads_the_file_its_metadata_describes(tiny_release, tmp_path):
+    """Passes on the run's file as recorded; fails on a wrong household count, a wrong weight sum,
+    other bytes, or no file, naming the problem."""
+    store, meta, _ = tiny_release
+    path = store.path(store.run_key(meta.run_id, "h5s/districts/AL-01.h5"))
+    record = StepRecord.model_validate_json(store.read_bytes(store.run_key(meta.run_id, "steps/local_areas.json")))
+    figures = record.output_figures["h5s/districts/AL-01.h5"]
+    recorded = {"path": str(path), "sha256": sha256_file(path), "households": figures["households"],
+                "weight_sum": rounded(figures["weight_sum"])}
+    assert area_file_result(AL_01, recorded).passed
+    for wrong in ({"households": figures["households"] + 1}, {"weight_sum": recorded["weight_sum"] * 1.01}):
+        result = area_file_result(AL_01, {**recorded, **wrong})
+        assert not result.passed and next(iter(wrong)) in result.metadata["problems"].value
+    copy = tmp_path / "AL-01.h5"
+    copy.write_bytes(path.read_bytes() + b"\0")
+    assert "expected" in area_file_result(AL_01, {**recorded, "path": str(copy)}).metadata["problems"].value
+    assert "missing" in area_file_result(AL_01, {**recorded, "path": str(tmp_path / "gone.h5")}).metadata["problems"].value
+    assert not area_file_result(AL_01, None).passed
