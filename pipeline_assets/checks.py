@@ -1,34 +1,58 @@
-"""Asset checks: artifact hashes re-verified, 488 areas plus national present, calibration quality
-(blocking, so a bad fit never reaches the area files), a fit no worse than its provenance class's
-history (a warning), and one git SHA across a run's assets."""
+"""Asset checks, one result per run_id partition: artifact hashes re-verified, each area file as
+recorded, 488 areas plus national present (blocking, so an incomplete run is never staged),
+calibration quality (blocking, so a bad fit never reaches the area files), a fit no worse than its
+provenance class's history (a warning), one git SHA across a run's assets, and the staged files as
+their manifest says.
+
+Every multi-asset check is subsettable: each yields only the checks selected, so any selection of
+assets (one stage, national_h5, a few areas) can be materialized from the UI or the CLI."""
 
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+import h5py
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckExecutionContext,
+    AssetCheckKey,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetKey,
     AssetRecordsFilter,
     DagsterEventType,
+    PreviewWarning,
     RunsFilter,
     multi_asset_check,
 )
 
-from pipeline_assets import history, stages
-from pipeline_assets.local_areas import AREA_KEYS, NATIONAL_KEY
+from pipeline_assets import history, promotion, stages
+from pipeline_assets.local_areas import AREA_BY_KEY, AREA_KEYS, NATIONAL_KEY
+from pipeline_assets.materialize import rounded
+from pipeline_assets.partitions import run_ids
 from pipeline_assets.steps import geography
-from pipeline_assets.steps.config import RunConfig
+from pipeline_assets.steps.config import QualityConfig, RunConfig
 from resources.files import sha256_file
 from resources.run_store import LocalRunStore
 
 FIT_ERROR = "final_mean_rel_abs_error"  # the fit figure the quality and history checks judge
 STAGE_ASSETS = ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics")
 WEIGHT_ASSETS = ("state_weights", "national_weights")
+HASHES_DESCRIPTION = "Re-hash the files against the sha256 their materialization recorded."
+
+
+def check_spec(name: str, asset: AssetKey | str, description: str, blocking: bool = False) -> AssetCheckSpec:
+    """A check with one result per run_id partition. Partitioned checks are a Dagster preview: its
+    warning is silenced here only, where every check is made."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=PreviewWarning)
+        return AssetCheckSpec(name, asset=asset, description=description, blocking=blocking, partitions_def=run_ids)
+
+
+def selected(context: AssetCheckExecutionContext, asset: AssetKey | str, name: str) -> bool:
+    return AssetCheckKey(AssetKey.from_coercible(asset), name) in context.selected_asset_check_keys
 
 
 def latest_metadata(context: AssetCheckExecutionContext, key: AssetKey) -> dict | None:
@@ -106,13 +130,15 @@ UPSTREAM_ASSETS = ("policy_data_db", "source_datasets", "calibration_package")
 @multi_asset_check(
     # Blocking on the package only: the fits wait for all three hashes; blocking on the database
     # too would make the package wait for a check that itself waits for the package.
-    specs=[AssetCheckSpec("sha256_verified", asset=name, blocking=name == "calibration_package",
-                          description="Re-hash the files against the recorded sha256.") for name in UPSTREAM_ASSETS],
+    specs=[check_spec("sha256_verified", name, HASHES_DESCRIPTION, blocking=name == "calibration_package")
+           for name in UPSTREAM_ASSETS],
+    can_subset=True,
 )
 def upstream_hashes(context: AssetCheckExecutionContext):
     """One step for the three upstream artifacts (a Dagster step costs seconds here)."""
     for name in UPSTREAM_ASSETS:
-        yield verify_hashes(context, AssetKey(name))
+        if selected(context, name, "sha256_verified"):
+            yield verify_hashes(context, AssetKey(name))
 
 
 def class_history_check(store: LocalRunStore, run_id: str, name: str, factor: float) -> AssetCheckResult:
@@ -127,8 +153,8 @@ def class_history_check(store: LocalRunStore, run_id: str, name: str, factor: fl
         severity=AssetCheckSeverity.WARN,
         description=verdict.summary(),
         metadata={
-            FIT_ERROR: verdict.value,
-            "class_median": float("nan") if verdict.class_median is None else verdict.class_median,
+            FIT_ERROR: rounded(verdict.value),
+            "class_median": float("nan") if verdict.class_median is None else rounded(verdict.class_median),
             "history_factor": factor,
             "history_runs": len(verdict.history),
             "class": f"config_hash {run.config_hash}, dataset_sha256 {run.dataset_sha256}",
@@ -138,86 +164,140 @@ def class_history_check(store: LocalRunStore, run_id: str, name: str, factor: fl
 
 def quality_checks(name: str):
     specs = [
-        AssetCheckSpec("sha256_verified", asset=name, blocking=True),
-        AssetCheckSpec("calibration_quality", asset=name, blocking=True,
-                       description="Mean and max rel_abs_error of the fit within the run's thresholds."),
-        AssetCheckSpec("calibration_error_vs_class_history", asset=name, blocking=False,
-                       description="Warn when the fit's final mean rel_abs_error exceeds quality.history_factor "
-                                   "x the median of the completed runs with the same config_hash and dataset."),
+        check_spec("sha256_verified", name, HASHES_DESCRIPTION + " Blocking: the area files read these weights.",
+                   blocking=True),
+        check_spec("calibration_quality", name, "Mean and max rel_abs_error of the fit within the run's thresholds.",
+                   blocking=True),
+        check_spec("calibration_error_vs_class_history", name,
+                   "Warn when the fit's final mean rel_abs_error exceeds quality.history_factor "
+                   "x the median of the completed runs with the same config_hash and dataset."),
     ]
 
-    @multi_asset_check(specs=specs, name=f"{name}_checks", required_resource_keys={"run_store"})
+    @multi_asset_check(specs=specs, name=f"{name}_checks", required_resource_keys={"run_store"}, can_subset=True)
     def checks(context: AssetCheckExecutionContext):
         key = AssetKey(name)
-        yield verify_hashes(context, key)
-        metadata = latest_metadata(context, key) or {}
+        if selected(context, key, "sha256_verified"):
+            yield verify_hashes(context, key)
         store = context.resources.run_store.store()
         quality = RunConfig.model_validate(store.read_meta(context.partition_key).config).quality
-        mean, worst = metadata.get(FIT_ERROR), metadata.get("final_max_rel_abs_error")
-        passed = (
-            mean is not None and worst is not None
-            and mean <= quality.max_mean_rel_abs_error and worst <= quality.max_max_rel_abs_error
-        )
-        yield AssetCheckResult(
-            asset_key=key,
-            check_name="calibration_quality",
-            passed=bool(passed),
-            severity=AssetCheckSeverity.ERROR,
-            metadata={
-                FIT_ERROR: float("nan") if mean is None else float(mean),
-                "final_max_rel_abs_error": float("nan") if worst is None else float(worst),
-                "max_mean_rel_abs_error": quality.max_mean_rel_abs_error,
-                "max_max_rel_abs_error": quality.max_max_rel_abs_error,
-            },
-        )
-        yield class_history_check(store, context.partition_key, name, quality.history_factor)
+        if selected(context, key, "calibration_quality"):
+            yield quality_result(key, latest_metadata(context, key) or {}, quality)
+        if selected(context, key, "calibration_error_vs_class_history"):
+            yield class_history_check(store, context.partition_key, name, quality.history_factor)
 
     return checks
 
 
+def quality_result(key: AssetKey, metadata: dict, quality: QualityConfig) -> AssetCheckResult:
+    """The fit's recorded mean and max rel_abs_error against the run's thresholds."""
+    mean, worst = metadata.get(FIT_ERROR), metadata.get("final_max_rel_abs_error")
+    passed = (
+        mean is not None and worst is not None
+        and mean <= quality.max_mean_rel_abs_error and worst <= quality.max_max_rel_abs_error
+    )
+    return AssetCheckResult(
+        asset_key=key,
+        check_name="calibration_quality",
+        passed=bool(passed),
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            FIT_ERROR: float("nan") if mean is None else float(mean),
+            "final_max_rel_abs_error": float("nan") if worst is None else float(worst),
+            "max_mean_rel_abs_error": quality.max_mean_rel_abs_error,
+            "max_max_rel_abs_error": quality.max_max_rel_abs_error,
+        },
+    )
+
+
+AREA_CHECK = "file_verified"
+
+
 @multi_asset_check(
-    specs=[
-        AssetCheckSpec("all_areas_present", asset=NATIONAL_KEY,
-                       description=f"Exactly {geography.AREA_COUNT} area files plus national, each hash verified."),
-        AssetCheckSpec("no_version_skew", asset=NATIONAL_KEY,
-                       description="Every asset of the run was materialized at the run's pinned SHA."),
-        AssetCheckSpec("sha256_verified", asset="run_diagnostics",
-                       description="Re-hash the files against the recorded sha256."),
-    ],
+    specs=[check_spec(AREA_CHECK, key, "The file is present, has the sha256 its materialization recorded, and "
+                      "h5py reads it with the household count and weight sum recorded.") for key in AREA_KEYS],
+    can_subset=True,
+)
+def area_files(context: AssetCheckExecutionContext):
+    """One step for the selected area files (one check each, not 489 steps)."""
+    recorded = partition_metadata(context)
+    for check_key in sorted(context.selected_asset_check_keys, key=lambda k: AREA_BY_KEY[k.asset_key].relpath):
+        yield area_file_result(check_key.asset_key, recorded.get(check_key.asset_key))
+
+
+def area_file_result(key: AssetKey, metadata: dict | None) -> AssetCheckResult:
+    if metadata is None:
+        return AssetCheckResult(asset_key=key, check_name=AREA_CHECK, passed=False, description="not materialized")
+    problems = hash_mismatches(recorded_files(metadata))
+    found = {}
+    if not problems:
+        with h5py.File(str(metadata["path"]), "r") as h5:
+            weights = h5["household/weight"][()]
+        found = {"households": len(weights), "weight_sum": rounded(float(weights.sum()))}
+        problems = [f"{name}: recorded {metadata.get(name)}, the file has {value}"
+                    for name, value in found.items() if metadata.get(name) is None
+                    or (value != metadata[name] if name == "households" else value != rounded(metadata[name]))]
+    return AssetCheckResult(
+        asset_key=key,
+        check_name=AREA_CHECK,
+        passed=not problems,
+        metadata={**found, "problems": "\n".join(problems) or "none"},
+    )
+
+
+RELEASE_CHECKS = {
+    "all_areas_present": (NATIONAL_KEY, f"Exactly the {geography.AREA_COUNT} area files plus national on disk, each "
+                                        "with a recorded materialization. Blocking: an incomplete run is never staged."),
+    "no_version_skew": (NATIONAL_KEY, "Every asset of the run was materialized at the run's pinned SHA."),
+    "sha256_verified": (AssetKey("run_diagnostics"), HASHES_DESCRIPTION),
+}
+
+
+@multi_asset_check(
+    specs=[check_spec(name, asset, description, blocking=name == "all_areas_present")
+           for name, (asset, description) in RELEASE_CHECKS.items()],
     required_resource_keys={"run_store"},
+    can_subset=True,
 )
 def release_integrity(context: AssetCheckExecutionContext):
     """The run as a whole, once its last files exist: areas, skew, diagnostics."""
-    yield verify_hashes(context, AssetKey("run_diagnostics"))
+    if selected(context, "run_diagnostics", "sha256_verified"):
+        yield verify_hashes(context, AssetKey("run_diagnostics"))
     store = context.resources.run_store.store()
-    run_id = context.partition_key
-    h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
-    expected = {area.relpath for area in (*geography.areas(), geography.NATIONAL)}
-    found = {str(p.relative_to(h5_root)) for p in h5_root.rglob("*.h5")} if h5_root.is_dir() else set()
     recorded = partition_metadata(context)
-    area_files = {}
-    for key in AREA_KEYS:
-        if key in recorded:
-            area_files.update(recorded_files(recorded[key]))
-    problems = hash_mismatches(area_files)
-    yield AssetCheckResult(
+    if selected(context, NATIONAL_KEY, "all_areas_present"):
+        yield areas_present_result(store, context.partition_key, recorded)
+    if selected(context, NATIONAL_KEY, "no_version_skew"):
+        yield version_skew_result(store.read_meta(context.partition_key).sha, recorded)
+
+
+def areas_present_result(store: LocalRunStore, run_id: str, recorded: dict[AssetKey, dict]) -> AssetCheckResult:
+    """The run's area files on disk are exactly the expected set, and every one was materialized
+    (the per-area file_verified checks re-hash them)."""
+    h5_root = store.path(store.run_key(run_id, stages.H5_ROOT))
+    expected = {area.relpath for area in AREA_BY_KEY.values()}
+    found = {str(p.relative_to(h5_root)) for p in h5_root.rglob("*.h5")} if h5_root.is_dir() else set()
+    unrecorded = sorted(AREA_BY_KEY[key].relpath for key in AREA_KEYS if key not in recorded)
+    return AssetCheckResult(
         asset_key=NATIONAL_KEY,
         check_name="all_areas_present",
-        passed=found == expected and len(area_files) == len(expected) and not problems,
+        passed=found == expected and not unrecorded,
         metadata={
             "areas_found": len(found - {geography.NATIONAL.relpath}),
             "missing": ", ".join(sorted(expected - found)) or "none",
             "unexpected": ", ".join(sorted(found - expected)) or "none",
-            "hash_mismatches": "\n".join(problems) or "none",
+            "not_materialized": ", ".join(unrecorded[:10]) + (f" and {len(unrecorded) - 10} more" if len(unrecorded) > 10 else "")
+            or "none",
         },
     )
-    pinned = store.read_meta(run_id).sha
-    shas = {}
+
+
+def version_skew_result(pinned: str, recorded: dict[AssetKey, dict]) -> AssetCheckResult:
+    shas: dict[str, list[str]] = {}
     for key, metadata in recorded.items():
         if "git_sha" in metadata:
             shas.setdefault(metadata["git_sha"], []).append(key.to_user_string())
     skewed = {sha: keys for sha, keys in shas.items() if sha != pinned}
-    yield AssetCheckResult(
+    return AssetCheckResult(
         asset_key=NATIONAL_KEY,
         check_name="no_version_skew",
         passed=not skewed,
@@ -229,4 +309,24 @@ def release_integrity(context: AssetCheckExecutionContext):
     )
 
 
-ALL_CHECKS = [upstream_hashes, *(quality_checks(name) for name in WEIGHT_ASSETS), release_integrity]
+@multi_asset_check(
+    specs=[check_spec("staged_files_verified", "staged_release",
+                      "Every file under staging/{run_id}/ has the sha256 the staging manifest gives it.")],
+    required_resource_keys={"run_store"},
+)
+def staged_files(context: AssetCheckExecutionContext):
+    store = context.resources.run_store.store()
+    manifest = promotion.read_staging(store, context.partition_key)
+    files = {str(store.path(promotion.staging_key(context.partition_key, rel))): digest for rel, digest in manifest.files.items()}
+    problems = hash_mismatches(files)
+    yield AssetCheckResult(
+        asset_key=AssetKey("staged_release"),
+        check_name="staged_files_verified",
+        passed=not problems,
+        metadata={"files_checked": len(files), "mismatches": "\n".join(problems) or "none"},
+    )
+
+
+ALL_CHECKS = [
+    upstream_hashes, *(quality_checks(name) for name in WEIGHT_ASSETS), area_files, release_integrity, staged_files,
+]

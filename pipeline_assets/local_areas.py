@@ -11,15 +11,15 @@ from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResul
 
 from pipeline_assets import stages
 from pipeline_assets.driver import recorded_step
-from pipeline_assets.materialize import file_metadata, identity_metadata, worker_environment_metadata
+from pipeline_assets.materialize import OWNERS, file_metadata, identity_metadata, rounded, worker_environment_metadata
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.tro import signer_from_environment, write_tro
 from pipeline_assets.steps import geography
+from pipeline_assets.steps.database import population_targets
 from resources.dagster_resources import CodeResource, ComputeResource, LineageResource, RunStoreResource, RuntimeResource
 
 AREA_GROUPS = {"state": "states", "district": "districts", "city": "cities"}
 NATIONAL_KEY = AssetKey("national_h5")
-AREA_DEPS = [AssetKey(name) for name in stages.STEP_INPUTS["local_areas"]]
 
 
 def area_key(area: geography.Area) -> AssetKey:
@@ -32,16 +32,30 @@ ALL_AREAS = (*geography.areas(), geography.NATIONAL)
 AREA_BY_KEY = {area_key(area): area for area in ALL_AREAS}
 KEY_BY_CODE = {area.code: key for key, area in AREA_BY_KEY.items()}
 AREA_KEYS = tuple(AREA_BY_KEY)
+AREA_NAMES = geography.area_names()
+POPULATION_TARGETS = population_targets()
+
+
+def describe(area: geography.Area) -> str:
+    """The area by name, with the population target its weights are calibrated to."""
+    target = POPULATION_TARGETS.get(area.code)
+    calibrated = (f"calibrated to a population of {target:,.0f} (ACS S0101)" if target is not None
+                  else "not a calibration geography (no population target of its own): its counties' records and weights")
+    return f"{AREA_NAMES[area.code]}: {area.relpath}, {calibrated}."
 
 
 def _spec(area: geography.Area) -> AssetSpec:
+    """An area file reads the dataset, the package and the weights of its own fit (stages.AREA_PART_INPUTS)."""
+    part = stages.area_part(area)
     return AssetSpec(
         area_key(area),
         group_name=AREA_GROUPS.get(area.kind, "release"),
-        deps=AREA_DEPS,
+        deps=[AssetKey(name) for name in stages.AREA_PART_INPUTS[part]],
         kinds={"hdf5"},
-        description=f"{area.kind} file {area.relpath}",
+        description=describe(area),
         skippable=True,
+        owners=OWNERS,
+        tags={"stage": "local_areas", "layer": "release", "area_kind": area.kind, "fit": part},
     )
 
 
@@ -83,8 +97,8 @@ def local_areas(
             **reused,
             **file_metadata(h5_root / result.relpath, result.sha256),
             "households": result.households,
-            "weight_sum": result.weight_sum,
-            "population": result.population,
+            "weight_sum": rounded(result.weight_sum),
+            "population": rounded(result.population),
         }
 
     with recorded_step(store, run_id, "local_areas", code.running_sha(), lineage.lineage(store)) as outcome:

@@ -4,7 +4,7 @@ meta.json, and turn the step's record (files, hashes, figures, identity) into sm
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, TableColumn, TableSchema, asset
 
 from pipeline_assets import stages
 from pipeline_assets.driver import run_step
@@ -16,10 +16,27 @@ from resources.run_store import RunMeta
 from resources.runtime import RuntimeEnvironment
 
 
+OWNERS = ["team:microdata"]
+SIGNIFICANT_DIGITS = 6
+
+
+def rounded(value: float) -> float:
+    """A figure to SIGNIFICANT_DIGITS significant digits: what a reader compares, not float noise."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def column_schema(types: dict[str, str]) -> TableSchema:
+    """A table's columns (name -> type, in the file's order) as Dagster shows them."""
+    return TableSchema(columns=[TableColumn(name, kind) for name, kind in types.items()])
+
+
 def environment_metadata(env: RuntimeEnvironment) -> dict:
-    """The runtime environment: a JSON entry plus the few fields people filter on, as text."""
+    """The runtime environment: a JSON entry plus the fields people filter on (each tracked library's
+    version as `lib/NAME`), as text."""
     return {
         "runtime_environment": MetadataValue.json(env.model_dump()),
+        "lib/python": env.python_version,
+        **{f"lib/{name}": version or "not installed" for name, version in env.library_versions.items()},
         "python_version": env.python_version,
         "compute_pool": env.compute_pool,
         "cloud_region": env.cloud_region,
@@ -62,7 +79,7 @@ def identity_metadata(meta: RunMeta, record: StepRecord) -> dict:
 
 def figures_metadata(figures: dict) -> dict:
     """Figures as plain numbers so the UI plots them across runs."""
-    return {name: (float(value) if isinstance(value, float) else int(value)) for name, value in figures.items()}
+    return {name: (rounded(value) if isinstance(value, float) else int(value)) for name, value in figures.items()}
 
 
 def stage_metadata(meta: RunMeta, environment: dict, record: StepRecord, run_dir: Path, primary: str) -> dict:
@@ -106,9 +123,9 @@ def execute_stage(
     return MaterializeResult(metadata=stage_metadata(meta, worker_environment_metadata(pool, env), record, run_dir, primary))
 
 
-def stage_asset(step: str, description: str, kinds: set[str]):
+def stage_asset(step: str, description: str, kinds: set[str], metadata: dict | None = None):
     """The asset of one single-output stage: partitioned by run_id, versioned by its step's source,
-    depending on the stages whose outputs its step reads."""
+    depending on the stages whose outputs its step reads; `metadata` describes its tables."""
 
     @asset(
         name=step,
@@ -118,6 +135,9 @@ def stage_asset(step: str, description: str, kinds: set[str]):
         deps=[AssetKey(upstream) for upstream in stages.STEP_INPUTS[step]],
         kinds=kinds,
         description=description,
+        owners=OWNERS,
+        tags={"stage": step, "layer": "release"},
+        metadata=metadata,
     )
     def stage(
         context: AssetExecutionContext,

@@ -23,7 +23,8 @@ from pydantic import Field
 from pipeline_assets import promotion as promotion_logic
 from pipeline_assets.code_versions import code_version
 from pipeline_assets.driver import step_timing
-from pipeline_assets.local_areas import NATIONAL_KEY
+from pipeline_assets.local_areas import AREA_KEYS
+from pipeline_assets.materialize import OWNERS
 from pipeline_assets.partitions import RELEASE_VERSIONS, release_versions, run_ids
 from resources.dagster_resources import ReleaseBackendsResource, RunStoreResource
 from resources.registry import InvalidVersion, VersionManifest
@@ -36,14 +37,18 @@ PROMOTION_CODE_VERSION = code_version("pipeline_assets.promotion")
     partitions_def=run_ids,
     code_version=PROMOTION_CODE_VERSION,
     group_name="release",
-    # One edge to the area step (through national_h5), not 489: Dagster fetches the data version of
-    # every input of a step one query at a time, about 10 ms each on SQLite. stage_release itself
-    # refuses a run whose recorded area files are not all there with their hashes.
-    deps=[AssetKey("run_diagnostics"), NATIONAL_KEY],
+    # Every file it stages is an edge: the 488 areas, national_h5 and run_diagnostics (whose step
+    # comes after the fits, so the earlier artifacts are upstream of it too). The price of the true
+    # lineage: Dagster reads each edge's data version at the step's end, one query per edge.
+    deps=[*AREA_KEYS, AssetKey("run_diagnostics")],
     kinds={"folder"},
+    owners=OWNERS,
+    tags={"stage": "staged_release", "layer": "release"},
+    description="staging/{run_id}/: the run's files as a release would publish them, with a manifest of their "
+                "sha256; materialized only once all_areas_present passes.",
 )
 def staged_release(context: AssetExecutionContext, run_store: RunStoreResource) -> MaterializeResult:
-    """staging/{run_id}/: the area files, national file, database, dataset, weights, diagnostics and TRO."""
+    """Hard-link the run's published files and its TRO under staging/{run_id}/."""
     store = run_store.store()
     with step_timing(store, context.partition_key, "staged_release"):
         manifest = promotion_logic.stage_release(store, context.partition_key)
@@ -89,6 +94,8 @@ def promotion_metadata(entry: VersionManifest, current: str | None) -> dict:
     # A version publishes one run, chosen by config: any run's staged release can be its input.
     deps=[AssetDep(staged_release, partition_mapping=AllPartitionMapping())],
     kinds={"json"},
+    owners=OWNERS,
+    tags={"stage": "promotion", "layer": "release"},
     output_required=False,
     description="The version registry: one partition per release version (semver), each the registry entry of "
                 "the run it published. Materialize a new version partition with config run_id to promote that run.",

@@ -32,6 +32,11 @@ def test_every_asset_is_partitioned_by_run_id_and_versioned():
         assert node.code_version
 
 
+def test_every_multi_asset_check_is_subsettable():
+    """Else the UI cannot materialize one asset whose checks share a step with another's."""
+    assert all(checks.can_subset for checks in ALL_CHECKS if len(checks.check_keys) > 1)
+
+
 def test_fits_are_independent_and_areas_are_one_subsettable_step():
     graph = defs.resolve_asset_graph()
     assert AssetKey("state_weights") not in graph.get(AssetKey("national_weights")).parent_keys
@@ -46,6 +51,7 @@ def test_checks_cover_hashes_areas_quality_and_skew():
         assert (stage, "sha256_verified") in check_keys
     assert ("state_weights", "calibration_quality") in check_keys and ("national_weights", "calibration_quality") in check_keys
     assert ("national_h5", "all_areas_present") in check_keys and ("national_h5", "no_version_skew") in check_keys
+    assert ("districts/AL_01", "file_verified") in check_keys and ("staged_release", "staged_files_verified") in check_keys
     job = defs.resolve_job_def("release")
     assert job.partitions_def.name == "run_ids"
 

@@ -236,6 +236,12 @@ def load_package_columns(path: Path) -> pd.DataFrame:
         return read_frame(h5["columns"])
 
 
+# The columns of a fit's calibration log (written by the fit, read by the diagnostics and the UI).
+LOG_COLUMNS = [
+    "target", "estimate", "target_value", "error", "rel_error", "abs_error", "rel_abs_error", "epoch", "loss",
+]
+
+
 def relative_errors(estimate: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(estimate - target) / |target|, with |target| floored at 1 so zero targets stay finite."""
     return (estimate - target) / np.maximum(np.abs(target), 1.0)

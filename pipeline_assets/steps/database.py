@@ -305,6 +305,11 @@ def _person_count_targets(raw_dir: Path | None) -> list[Target]:
     return _national_sums(states) + states + district_targets
 
 
+def population_targets(raw_dir: Path | None = None) -> dict[str, float]:
+    """geo_id -> the total population target (ACS S0101, all ages) the calibration gets for it."""
+    return {target.geo_id: target.value for target in _person_count_targets(raw_dir) if target.stratum == "all"}
+
+
 def _state_agi_targets(raw_dir: Path | None) -> list[Target]:
     """IRS SOI returns and AGI by bracket per state; the amounts are already in dollars."""
     targets = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,3 +181,23 @@ def _district_populations(path: Path, _sha256: str) -> dict[str, float]:
         if state in STATE_ABBREV_BY_FIPS:
             out[district_code(state, number)] = float(row[total])
     return out
+
+
+CITY_NAMES = {"NYC": "New York City (the Bronx, Brooklyn, Manhattan, Queens and Staten Island)"}
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def area_names(raw_dir: Path | None = None) -> dict[str, str]:
+    """Area code -> what people call it: "Alabama", "Alabama's 1st congressional district" ("Alaska's
+    at-large congressional district" where a state has one seat), "New York City (...)", "the United States"."""
+    rows = districts(raw_dir)
+    seats = Counter(fips for _, fips, _ in rows)
+    names = {abbrev: name for _, abbrev, name in STATES}
+    for code, fips, _ in rows:
+        seat = "at-large" if seats[fips] == 1 else _ordinal(int(code.split("-")[1]))
+        names[code] = f"{names[STATE_ABBREV_BY_FIPS[fips]]}'s {seat} congressional district"
+    return {**names, **CITY_NAMES, NATIONAL.code: "the United States"}

@@ -14,16 +14,12 @@ import scipy.sparse as sp
 import torch
 from l0.calibration import SparseCalibrationWeights
 
-from pipeline_assets.steps.calibration import CalibrationPackage, load_calibration_package, relative_errors
+from pipeline_assets.steps.calibration import LOG_COLUMNS, CalibrationPackage, load_calibration_package, relative_errors
 from pipeline_assets.steps.config import FitConfig
 from resources.files import atomic_path
 from pipeline_assets.steps.results import StepResult
 
 SCOPE_LEVELS = {"local": ("state", "district"), "national": ("national",)}
-LOG_COLUMNS = [
-    "target", "estimate", "target_value", "error", "rel_error", "abs_error", "rel_abs_error", "epoch", "loss",
-]
-
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
