@@ -24,11 +24,13 @@ def test_asset_keys_and_groups():
     assert groups["release"] == {AssetKey(s) for s in STAGES + ["national_h5"] + RELEASE}
 
 
-def test_every_asset_is_partitioned_by_run_id_and_versioned():
+def test_every_asset_is_partitioned_by_run_id_promotion_by_version_and_versioned():
+    """A run is a run_id partition of every release asset; the registry's versions are promotion's."""
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
-        assert isinstance(node.partitions_def, DynamicPartitionsDefinition) and node.partitions_def.name == "run_ids"
+        expected = "release_versions" if key == AssetKey("promotion") else "run_ids"
+        assert isinstance(node.partitions_def, DynamicPartitionsDefinition) and node.partitions_def.name == expected
         assert node.code_version
 
 
