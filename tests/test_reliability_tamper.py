@@ -29,7 +29,7 @@ from resources.git import CodeState
 from resources.publishers import LocalPublisher
 from resources.registry import LocalRegistry
 from resources.run_store import LocalRunStore, RunStatus
-from tests.conftest import PINNED_SHA
+from tests.conftest import PINNED_SHA, copy_store
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg is not installed")
 
@@ -123,12 +123,6 @@ def released(sealed, tmp_path_factory):
     store = copy_store(source, tmp_path_factory.mktemp("released"))
     promote(store, run_id, "1.0.0", *local_backends(store))
     return store, run_id
-
-
-def copy_store(store: LocalRunStore, where: Path) -> LocalRunStore:
-    copy = LocalRunStore(where / "store")
-    shutil.copytree(store.root, copy.root)
-    return copy
 
 
 def local_backends(store: LocalRunStore):
