@@ -34,12 +34,26 @@ def tiny_release(tmp_path_factory):
     return store, meta, results
 
 
+def copy_store(store: LocalRunStore, where: Path) -> LocalRunStore:
+    """A copy of `store` at where/store: its own files (no links), so changing them leaves `store` as it was."""
+    copy = LocalRunStore(where / "store")
+    shutil.copytree(store.root, copy.root)
+    return copy
+
+
 @pytest.fixture
-def store(tiny_release, tmp_path):
-    """(store, run_id): a staged copy of the session's completed tiny run, so promotion can change it."""
+def tiny_copy(tiny_release, tmp_path):
+    """(store, meta): a copy of the session's completed tiny run, free to change: a test that needs a
+    first default tiny run and then changes it copies the one run instead of computing its own."""
     source, meta, _ = tiny_release
-    copy = LocalRunStore(tmp_path / "store")
-    shutil.copytree(source.root, copy.root)
+    copy = copy_store(source, tmp_path)
+    return copy, copy.read_meta(meta.run_id)
+
+
+@pytest.fixture
+def store(tiny_copy):
+    """(store, run_id): a staged copy of the session's completed tiny run, so promotion can change it."""
+    copy, meta = tiny_copy
     stage_release(copy, meta.run_id)
     return copy, meta.run_id
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -144,17 +145,19 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every path under `root`: a directory's mode, a link's target, a file's mode and sha256 (hashed
     again whenever its size, inode or times changed, so a rewrite is always seen)."""
     tree = {}
-    for path in sorted(root.rglob("*")):
-        rel, info = str(path.relative_to(root)), path.lstat()
-        if path.is_symlink():
-            tree[rel] = f"link {os.readlink(path)}"
-        elif path.is_dir():
-            tree[rel] = f"dir {info.st_mode:o}"
-        else:
-            key = (rel, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-            if key not in _hashes:
-                _hashes[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-            tree[rel] = f"file {info.st_mode:o} {_hashes[key]}"
+    prefix = len(str(root)) + 1
+    for folder, dirs, files in os.walk(root):  # one lstat per path: every case takes two snapshots
+        for path in (os.path.join(folder, name) for name in dirs + files):
+            rel, info = path[prefix:], os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                tree[rel] = f"link {os.readlink(path)}"
+            elif stat.S_ISDIR(info.st_mode):
+                tree[rel] = f"dir {info.st_mode:o}"
+            else:
+                key = (rel, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+                if key not in _hashes:
+                    _hashes[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                tree[rel] = f"file {info.st_mode:o} {_hashes[key]}"
     return tree
 
 

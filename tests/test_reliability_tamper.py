@@ -29,7 +29,7 @@ from resources.git import CodeState
 from resources.publishers import LocalPublisher
 from resources.registry import LocalRegistry
 from resources.run_store import LocalRunStore, RunStatus
-from tests.conftest import PINNED_SHA
+from tests.conftest import PINNED_SHA, copy_store
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg is not installed")
 
@@ -105,18 +105,24 @@ def sealed(keyring, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def relent(sealed, tmp_path_factory):
+    """(store, the sealed run, a second run that reused every step of it, signed and staged): a
+    tampered second run has a sound, older lender behind it, so the next run takes from that instead
+    of computing every step again, while the tampered run, the newer, is still the first one asked."""
+    source, first, _ = sealed
+    store = copy_store(source, tmp_path_factory.mktemp("relent"))
+    meta, _ = run_release(store, CONFIG, CODE, running_sha=PINNED_SHA)
+    stage_release(store, meta.run_id)
+    return store, first, meta.run_id
+
+
+@pytest.fixture(scope="module")
 def released(sealed, tmp_path_factory):
     """(store, run_id): a copy of the sealed run promoted as 1.0.0 to the local production/."""
     source, run_id, _ = sealed
     store = copy_store(source, tmp_path_factory.mktemp("released"))
     promote(store, run_id, "1.0.0", *local_backends(store))
     return store, run_id
-
-
-def copy_store(store: LocalRunStore, where: Path) -> LocalRunStore:
-    copy = LocalRunStore(where / "store")
-    shutil.copytree(store.root, copy.root)
-    return copy
 
 
 def local_backends(store: LocalRunStore):
@@ -233,8 +239,8 @@ RUN_TAMPERS = {
 
 @pytest.mark.reliability("tamper")
 @pytest.mark.parametrize("name", RUN_TAMPERS)
-def test_a_tampered_run_fails_verify_and_is_neither_reused_nor_promoted(name, sealed, keyring, tmp_path, monkeypatch, capsys):
-    source, run_id, _ = sealed
+def test_a_tampered_run_fails_verify_and_is_neither_reused_nor_promoted(name, relent, keyring, tmp_path, monkeypatch, capsys):
+    source, _, run_id = relent
     store = copy_store(source, tmp_path)
     tamper, fragment, not_reused = RUN_TAMPERS[name]
     tamper(store, run_id, keyring)
@@ -261,14 +267,20 @@ def test_a_tampered_run_fails_verify_and_is_neither_reused_nor_promoted(name, se
     assert verify_run(store, meta.run_id).ok  # what the next run made instead is sound
 
 
-def test_an_untampered_run_lends_every_step(sealed, tmp_path):
-    """The control of the classes above: the same next run reuses every reusable step."""
-    source, run_id, _ = sealed
+def assert_lent_every_step(store: LocalRunStore, run_id: str, lender: str) -> None:
+    for step in stages.STEP_CONFIG:
+        assert read_record(store, run_id, step).reused_from == lender, step
+    assert verify_run(store, run_id).ok
+
+
+def test_an_untampered_run_lends_every_step(relent, tmp_path):
+    """The control of the classes above: the second run reused every reusable step of the sealed
+    one, and the same next run reuses every step of the second, the newest."""
+    source, first, run_id = relent
+    assert_lent_every_step(source, run_id, first)
     store = copy_store(source, tmp_path)
     meta, _ = run_release(store, CONFIG, CODE, running_sha=PINNED_SHA)
-    for step in stages.STEP_CONFIG:
-        assert read_record(store, meta.run_id, step).reused_from == run_id, step
-    assert verify_run(store, meta.run_id).ok
+    assert_lent_every_step(store, meta.run_id, run_id)
 
 
 # --- raw inputs: declared, hashed as read, in the reuse key --------------------------------------------

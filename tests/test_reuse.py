@@ -14,17 +14,19 @@ from pipeline_assets.reuse import link_outputs, read_record
 from pipeline_assets.tro import TRO_NAME, tro_revisions, write_tro
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
-from resources.run_store import LocalRunStore, RunStoreError
-from tests.conftest import PINNED_SHA
+from resources.run_store import RunStoreError
+from tests.conftest import PINNED_SHA, copy_store
 
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
 UPSTREAM = ("policy_data_db", "source_datasets", "calibration_package")
 
 
 @pytest.fixture(scope="module")
-def three_runs(tmp_path_factory):
-    store = LocalRunStore(tmp_path_factory.mktemp("reuse_store"))
-    first, _ = run_release(store, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA)
+def three_runs(tiny_release, tmp_path_factory):
+    """The session's tiny run (copied) as the first, then a local refit and a run with reuse off."""
+    source, meta, _ = tiny_release
+    store = copy_store(source, tmp_path_factory.mktemp("reuse_store"))
+    first = store.read_meta(meta.run_id)
     refit, _ = run_release(store, config_for_scale("tiny", local_fit={"epochs": 40}), CODE, running_sha=PINNED_SHA)
     forced, _ = run_release(store, config_for_scale("tiny", reuse=False), CODE, running_sha=PINNED_SHA)
     return store, first, refit, forced
@@ -112,10 +114,9 @@ def test_run_records_carry_env_id_and_config_hash(three_runs):
     assert first.config_hash == forced.config_hash  # the reuse switch is not configuration
 
 
-def test_tampered_output_is_not_reused(tmp_path):
-    store = LocalRunStore(tmp_path)
+def test_tampered_output_is_not_reused(tiny_copy):
+    store, first = tiny_copy
     config = config_for_scale("tiny")
-    first, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
     path = stages.artifact(store, first.run_id, "policy_data_db")
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -127,10 +128,9 @@ def test_tampered_output_is_not_reused(tmp_path):
     assert (second.step_timings["local_areas"].reuse, second.step_timings["local_areas"].reused_from) == ("reused", first.run_id)
 
 
-def test_a_tampered_area_file_is_built_again(tmp_path):
-    store = LocalRunStore(tmp_path)
+def test_a_tampered_area_file_is_built_again(tiny_copy):
+    store, first = tiny_copy
     config = config_for_scale("tiny")
-    first, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
     path = store.path(store.run_key(first.run_id, f"{stages.H5_ROOT}/districts/AL-01.h5"))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -170,11 +170,10 @@ def test_status_says_what_each_step_reused(three_runs, monkeypatch, capsys):
     assert rows["local_areas"].endswith(f"computed (national part from {first.run_id})")
 
 
-def test_a_part_is_reused_only_from_a_record_holding_all_its_files(tmp_path):
+def test_a_part_is_reused_only_from_a_record_holding_all_its_files(tiny_copy):
     """A record left by a rebuild of some areas may hold part of the local files: not reusable."""
-    store = LocalRunStore(tmp_path)
+    store, first = tiny_copy
     config = config_for_scale("tiny")
-    first, _ = run_release(store, config, CODE, running_sha=PINNED_SHA)
     record = read_record(store, first.run_id, "local_areas")
     dropped = f"{stages.H5_ROOT}/districts/AL-01.h5"
     del record.outputs[dropped]
