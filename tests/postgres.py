@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -51,6 +52,10 @@ class PostgresDatabase:
     db_name: str
 
 
+class PostgresUnavailable(RuntimeError):
+    """The server cannot run here; the message says why."""
+
+
 def server_bindir() -> Path | None:
     """Where initdb, pg_ctl and postgres are: pg_config's bindir, else the newest Debian version's."""
     candidates = []
@@ -73,6 +78,13 @@ def as_server_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", UNPRIVILEGED_USER, "--", *command] if os.geteuid() == 0 else command
 
 
+def run_as_server_user(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(as_server_user(command), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PostgresUnavailable(f"{Path(command[0]).name} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+    return done
+
+
 def postmaster_pid(data: Path) -> int | None:
     try:
         return int((data / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -80,15 +92,16 @@ def postmaster_pid(data: Path) -> int | None:
         return None
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """initdb a cluster in a temporary directory and start it; stop it by PID (pg_ctl stop) at the end."""
+@contextmanager
+def throwaway_server() -> Iterator[PostgresServer]:
+    """initdb a cluster in a temporary directory and start it; stop it by PID (pg_ctl stop) at the end.
+    The benches use it too."""
     bindir = server_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL's server is not installed (no initdb/pg_ctl under `pg_config --bindir` or "
-                    "/usr/lib/postgresql/*/bin): `.ci/run` installs Debian's postgresql")
+        raise PostgresUnavailable("PostgreSQL's server is not installed (no initdb/pg_ctl under `pg_config --bindir` "
+                                  "or /usr/lib/postgresql/*/bin): `.ci/run` installs Debian's postgresql")
     if os.geteuid() == 0 and not shutil.which("runuser"):
-        pytest.skip("running as root without runuser: initdb and postgres refuse root")
+        raise PostgresUnavailable("running as root without runuser: initdb and postgres refuse root")
     root = Path(tempfile.mkdtemp(prefix="usdata-pg-"))  # short: a Unix socket's path has a length limit
     data, password = root / "data", secrets.token_hex(16)
     (root / "password").write_text(password)
@@ -98,35 +111,48 @@ def postgres_server() -> Iterator[PostgresServer]:
     port = free_port()
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
     try:
-        subprocess.run(as_server_user([str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "scram-sha-256",
-                                       f"--pwfile={root / 'password'}", "-E", "UTF8", "--no-sync"]),
-                       check=True, capture_output=True)
+        run_as_server_user([str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "scram-sha-256",
+                            f"--pwfile={root / 'password'}", "-E", "UTF8", "--no-sync"])
         (root / "password").unlink()
-        subprocess.run(as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"),
-                                       "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start"]),
-                       check=True, capture_output=True)
+        run_as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"),
+                            "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start"])
         yield PostgresServer("127.0.0.1", port, root, SUPERUSER, password)
     finally:
         pid = postmaster_pid(data)
         if pid is not None:
-            stopped = subprocess.run(as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                                     capture_output=True)
-            if stopped.returncode != 0:
+            try:
+                run_as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
+            except PostgresUnavailable:
                 os.kill(pid, signal.SIGQUIT)  # the postmaster's immediate shutdown
         shutil.rmtree(root, ignore_errors=True)
+
+
+def administer(server: PostgresServer, statement: str) -> None:
+    """One statement outside a transaction (CREATE and DROP DATABASE cannot run in one)."""
+    admin = server.connect()
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One server for the session; the tests skip where it cannot run."""
+    with ExitStack() as stack:
+        try:
+            server = stack.enter_context(throwaway_server())
+        except PostgresUnavailable as exc:
+            pytest.skip(str(exc))
+        yield server
 
 
 @pytest.fixture
 def postgres_database(postgres_server: PostgresServer) -> Iterator[PostgresDatabase]:
     """A new, empty database per test (tests never see each other's runs), dropped afterwards."""
     name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = postgres_server.connect()
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        yield PostgresDatabase(postgres_server, name)
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        admin.close()
+    administer(postgres_server, f'CREATE DATABASE "{name}"')
+    yield PostgresDatabase(postgres_server, name)
+    administer(postgres_server, f'DROP DATABASE "{name}" WITH (FORCE)')  # FORCE: a killed daemon's connections linger
