@@ -19,7 +19,7 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
 from pipeline_assets import production_instance
 from pipeline_assets.driver import start_run
-from pipeline_assets.identity import SOURCE_ROOT
+from pipeline_assets.identity import SOURCE_ROOT, running_code_sha
 from pipeline_assets.jobs import RELEASE_JOB, release_job
 from pipeline_assets.launch import job_run_config
 from pipeline_assets.partitions import RUN_IDS
@@ -28,10 +28,9 @@ from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
 from tests.postgres import PostgresDatabase
-from tests.test_sensors import commit, repo  # noqa: F401 (repo: the tiny git repository fixture)
 
 BIN = Path(sys.executable).parent
-RUNS_TIMEOUT_S = 420  # two tiny releases one after the other, on a busy 2-core machine
+RUNS_TIMEOUT_S = 600  # three tiny releases one after the other
 RELEASE_LIMIT = 1
 
 
@@ -93,38 +92,39 @@ def test_the_instance_stores_runs_in_postgres(postgres_database, tmp_path, monke
 
 
 # --- the daemon: the queue within the limit --------------------------------------------------------
-def production_environment(home: Path, store: Path, watched_repo: Path, watched_sha: str, password: str) -> dict:
-    """What the daemon (and the code server and run workers it starts) sees: this checkout first on
-    the path, the production instance, a git sensor over a tiny repository at tiny scale, and the
-    watched commit as the code's SHA (an image's variable), so the sensor's run is not version skew."""
+def production_environment(home: Path, store: Path, password: str) -> dict:
+    """What the daemon (and the code server and run workers it starts) and the command line see:
+    this checkout first on the path, the production instance, and a git sensor watching this
+    checkout's HEAD at tiny scale (so its run is pinned to the code that runs it)."""
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
         "DAGSTER_HOME": str(home),
         PASSWORD_VARIABLE: password,
         "PIPELINE_STORE": str(store),
-        "PIPELINE_WATCH_REPO": str(watched_repo),
-        "PIPELINE_WATCH_BRANCH": "main",
+        "PIPELINE_WATCH_REPO": str(SOURCE_ROOT),
+        "PIPELINE_WATCH_BRANCH": "HEAD",
         "PIPELINE_WATCH_SCALE": "tiny",
-        "PIPELINE_CODE_SHA": watched_sha,
     }
 
 
 @contextmanager
-def daemon(environment: dict, log: Path):
-    """`dagster-daemon run` over the project's workspace, killed by its PID (and its children's group) at the end."""
+def background(command: list[str], environment: dict, log: Path):
+    """`command` run from the checkout, its output in `log`; killed by its PID (its process group:
+    a daemon's code server and run workers too) when it has not ended by itself."""
     with log.open("wb") as out:
-        process = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=SOURCE_ROOT,
-                                   env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, cwd=SOURCE_ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         yield process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def dagster_cli(environment: dict, *args: str) -> None:
@@ -137,7 +137,7 @@ def launched_release(environment: dict, instance, store: LocalRunStore, code: Co
     run_id = start_run(store, config_for_scale("tiny"), code).run_id
     instance.add_dynamic_partitions(RUN_IDS, [run_id])
     dagster_cli(environment, "job", "launch", "-j", RELEASE_JOB, "--config-json", json.dumps(job_run_config(store, code.sha)),
-                "--tags", json.dumps({"dagster/partition": run_id, RELEASE_TAG_KEY: RELEASE_TAG_VALUE}))
+                "--tags", json.dumps({"dagster/partition": run_id}))
 
 
 def most_started_at_once(records) -> int:
@@ -150,37 +150,40 @@ def most_started_at_once(records) -> int:
     return most
 
 
-def wait_for_release_runs(instance, count: int, process: subprocess.Popen, log: Path):
+def wait_for_release_runs(instance, count: int, daemon: subprocess.Popen, log: Path):
     deadline = time.monotonic() + RUNS_TIMEOUT_S
     while time.monotonic() < deadline:
         records = instance.get_run_records(RunsFilter(job_name=RELEASE_JOB))
         if len(records) == count and all(r.dagster_run.is_finished for r in records):
             return records
-        assert process.poll() is None, f"dagster-daemon exited: {log.read_text()[-2000:]}"
+        assert daemon.poll() is None, f"dagster-daemon exited: {log.read_text()[-2000:]}"
         time.sleep(2)
     pytest.fail(f"{count} release runs not finished in {RUNS_TIMEOUT_S}s: "
                 f"{[(r.dagster_run.run_id[:8], r.dagster_run.status.value) for r in records]}")
 
 
-def test_a_sensor_run_and_a_launched_run_queue_within_the_release_limit(postgres_database, repo, tmp_path, monkeypatch):
+def test_sensor_launchpad_and_cli_releases_at_once_queue_within_the_release_limit(postgres_database, tmp_path, monkeypatch):
+    """Three release runs submitted at once, by the git sensor, `dagster job launch` (the UI's
+    launchpad) and `usdata-pipeline run`: all complete, each through the queue, one at a time."""
     assert release_job.tags.get(RELEASE_TAG_KEY) == RELEASE_TAG_VALUE, \
         f"the release job must tag its runs {RELEASE_TAG_KEY}={RELEASE_TAG_VALUE}: the queue limits release runs by it"
-    watched_sha = commit(repo, "one")
     store = LocalRunStore(tmp_path / "store")
     home = tmp_path / "dagster_home"
     home.mkdir()
-    environment = production_environment(home, store.root, repo, watched_sha, postgres_database.server.password)
-    settings = yaml.safe_load(production(postgres_database, max_concurrent_runs=2, release_runs=RELEASE_LIMIT).settings())
+    environment = production_environment(home, store.root, postgres_database.server.password)
+    settings = yaml.safe_load(production(postgres_database, max_concurrent_runs=3, release_runs=RELEASE_LIMIT).settings())
     monkeypatch.setenv(PASSWORD_VARIABLE, postgres_database.server.password)
     with instance_for_test(overrides=settings, temp_dir=str(home)) as instance, \
-            daemon(environment, tmp_path / "daemon.log") as process:
-        launched_release(environment, instance, store, CodeState(watched_sha, "main", False, None))
+            background([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], environment, tmp_path / "daemon.log") as daemon, \
+            background([str(BIN / "usdata-pipeline"), "run", "--scale", "tiny"], environment, tmp_path / "cli.log") as cli:
+        launched_release(environment, instance, store, CodeState(running_code_sha(), None, False, None))
         dagster_cli(environment, "sensor", "start", "git_commit_sensor")
-        records = wait_for_release_runs(instance, 2, process, tmp_path / "daemon.log")
-        assert [r.dagster_run.status for r in records] == [DagsterRunStatus.SUCCESS] * 2, \
+        records = wait_for_release_runs(instance, 3, daemon, tmp_path / "daemon.log")
+        assert cli.wait(timeout=60) == 0, (tmp_path / "cli.log").read_text()[-2000:]
+        assert [r.dagster_run.status for r in records] == [DagsterRunStatus.SUCCESS] * 3, \
             [r.dagster_run.run_id for r in records]
-        assert {r.dagster_run.tags.get("git_sha") for r in records} >= {watched_sha}  # one came from the sensor
+        assert [r.dagster_run.tags.get("dagster/sensor_name") for r in records].count("git_commit_sensor") == 1
         assert all(r.dagster_run.tags[RELEASE_TAG_KEY] == RELEASE_TAG_VALUE for r in records)
         assert most_started_at_once(records) <= RELEASE_LIMIT
-        for record in records:  # both went through the queue
+        for record in records:  # each went through the queue
             assert instance.all_logs(record.dagster_run.run_id, of_type=DagsterEventType.RUN_ENQUEUED)
