@@ -129,7 +129,7 @@ def background(command: list[str], environment: dict, log: Path):
 
 def dagster_cli(environment: dict, *args: str) -> None:
     subprocess.run([str(BIN / "dagster"), *args, "-w", "workspace.yaml"], cwd=SOURCE_ROOT, env=environment,
-                   check=True, capture_output=True, timeout=180)
+                   check=True, capture_output=True, timeout=300)
 
 
 def launched_release(environment: dict, instance, store: LocalRunStore, code: CodeState) -> None:
