@@ -1,5 +1,6 @@
-"""The production instance: its dagster.yaml, Dagster on PostgreSQL, and dagster-daemon starting a
-sensor-triggered release and a submitted one from the queue within the release-run limit."""
+"""The production instance: its dagster.yaml, Dagster on PostgreSQL, and dagster-daemon starting
+releases from the git sensor, the launchpad and the command line through the queue, within the
+release-run limit."""
 
 from __future__ import annotations
 
