@@ -93,10 +93,11 @@ def test_the_instance_stores_runs_in_postgres(postgres_database, tmp_path, monke
 
 
 # --- the daemon: the queue within the limit --------------------------------------------------------
-def production_environment(home: Path, store: Path, password: str) -> dict:
+def production_environment(home: Path, store: Path, password: str, sha: str) -> dict:
     """What the daemon (and the code server and run workers it starts) and the command line see:
     this checkout first on the path, the production instance, and a git sensor watching this
-    checkout's HEAD at tiny scale (so its run is pinned to the code that runs it)."""
+    checkout at `sha` (a fixed ref: one run, however the branch moves meanwhile), at tiny scale,
+    with `sha` as the running code's (as an image pins it), so no run meets version skew."""
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
@@ -104,8 +105,9 @@ def production_environment(home: Path, store: Path, password: str) -> dict:
         PASSWORD_VARIABLE: password,
         "PIPELINE_STORE": str(store),
         "PIPELINE_WATCH_REPO": str(SOURCE_ROOT),
-        "PIPELINE_WATCH_BRANCH": "HEAD",
+        "PIPELINE_WATCH_BRANCH": sha,
         "PIPELINE_WATCH_SCALE": "tiny",
+        "PIPELINE_CODE_SHA": sha,
     }
 
 
@@ -171,13 +173,14 @@ def test_sensor_launchpad_and_cli_releases_at_once_queue_within_the_release_limi
     store = LocalRunStore(tmp_path / "store")
     home = tmp_path / "dagster_home"
     home.mkdir()
-    environment = production_environment(home, store.root, postgres_database.server.password)
+    sha = running_code_sha()
+    environment = production_environment(home, store.root, postgres_database.server.password, sha)
     settings = yaml.safe_load(production(postgres_database, max_concurrent_runs=3, release_runs=RELEASE_LIMIT).settings())
     monkeypatch.setenv(PASSWORD_VARIABLE, postgres_database.server.password)
     with instance_for_test(overrides=settings, temp_dir=str(home)) as instance, \
             background([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], environment, tmp_path / "daemon.log") as daemon, \
             background([str(BIN / "usdata-pipeline"), "run", "--scale", "tiny"], environment, tmp_path / "cli.log") as cli:
-        launched_release(environment, instance, store, CodeState(running_code_sha(), None, False, None))
+        launched_release(environment, instance, store, CodeState(sha, None, False, None))
         dagster_cli(environment, "sensor", "start", "git_commit_sensor")
         records = wait_for_release_runs(instance, 3, daemon, tmp_path / "daemon.log")
         assert cli.wait(timeout=60) == 0, (tmp_path / "cli.log").read_text()[-2000:]
