@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export PIPELINE_STORE ?= $(CURDIR)/.pipeline-data
 
-.PHONY: venv demo test bench ui clean-venv pipeline-auto pipeline-status pipeline-promote pipeline-resume pipeline-clean
+.PHONY: venv demo test bench ui production-instance production clean-venv pipeline-auto pipeline-status pipeline-promote pipeline-resume pipeline-clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,28 @@ bench: $(STAMP)
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# The production instance (PostgreSQL, the run queue, dagster-daemon), in a home of its own: `make ui`
+# and `usdata-pipeline` keep ./.dagster's embedded SQLite unless DAGSTER_HOME names this one.
+# The password is never written: export DAGSTER_PG_PASSWORD wherever the instance is opened.
+PRODUCTION_HOME ?= $(CURDIR)/.dagster-production
+PG_HOST ?= 127.0.0.1
+PG_PORT ?= 5432
+PG_DB ?= dagster
+PG_USER ?= dagster
+MAX_RUNS ?= 4
+RELEASE_RUNS ?= 1
+
+production-instance: $(STAMP)  ## write $(PRODUCTION_HOME)/dagster.yaml for PG_HOST (a host, or a Unix socket's directory)
+	$(PY) -m pipeline_assets.production_instance --home $(PRODUCTION_HOME) --hostname $(PG_HOST) --port $(PG_PORT) \
+		--db-name $(PG_DB) --username $(PG_USER) --max-concurrent-runs $(MAX_RUNS) --release-runs $(RELEASE_RUNS)
+
+production: $(STAMP)  ## dagster-daemon (the queue, the sensors) and the webserver on 127.0.0.1:3000, over the production instance
+	test -f $(PRODUCTION_HOME)/dagster.yaml || { echo "no $(PRODUCTION_HOME)/dagster.yaml: run make production-instance first" >&2; exit 2; }
+	export DAGSTER_HOME=$(PRODUCTION_HOME); \
+	$(VENV)/bin/dagster-daemon run -w workspace.yaml & daemon=$$!; \
+	trap 'kill $$daemon; wait $$daemon' EXIT INT TERM; \
+	$(VENV)/bin/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # Operators' targets, in the words of the pipeline this replaces.
 BRANCH ?= main

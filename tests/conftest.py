@@ -22,7 +22,7 @@ PINNED_SHA = "a1b2c3d4" + "e" * 32
 def shipped_storage(home) -> dict:
     """The instance storage a new $DAGSTER_HOME gets, as instance_for_test(temp_dir=home) overrides."""
     return {"storage": yaml.safe_load(instance_settings(home))["storage"]}
-pytest_plugins = ["tests.gcs_emulator"]  # the GCS emulator fixtures: gcs_endpoint, gcs_client, gcs_bucket
+pytest_plugins = ["tests.gcs_emulator", "tests.postgres"]  # fixtures: the GCS emulator (gcs_endpoint, gcs_client, gcs_bucket), PostgreSQL (postgres_server, postgres_database)
 
 
 @pytest.fixture(scope="session")
