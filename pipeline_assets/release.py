@@ -11,6 +11,7 @@ from pipeline_assets.code_versions import code_version
 from pipeline_assets.driver import step_timing
 from pipeline_assets.local_areas import NATIONAL_KEY
 from pipeline_assets.partitions import run_ids
+from pipeline_assets.run_start import open_run
 from resources.dagster_resources import ReleaseBackendsResource, RunStoreResource
 
 
@@ -30,6 +31,7 @@ PROMOTION_CODE_VERSION = code_version("pipeline_assets.promotion")
 def staged_release(context: AssetExecutionContext, run_store: RunStoreResource) -> MaterializeResult:
     """staging/{run_id}/: the area files, national file, database, dataset, weights, diagnostics and TRO."""
     store = run_store.store()
+    open_run(context, store)
     with step_timing(store, context.partition_key, "staged_release"):
         manifest = promotion_logic.stage_release(store, context.partition_key)
     path = store.path(promotion_logic.staging_key(context.partition_key))

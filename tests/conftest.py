@@ -19,9 +19,9 @@ from resources.run_store import LocalRunStore
 PINNED_SHA = "a1b2c3d4" + "e" * 32
 
 
-def shipped_storage(home) -> dict:
-    """The instance storage a new $DAGSTER_HOME gets, as instance_for_test(temp_dir=home) overrides."""
-    return {"storage": yaml.safe_load(instance_settings(home))["storage"]}
+def shipped_settings(home) -> dict:
+    """The settings a new $DAGSTER_HOME gets, as instance_for_test(temp_dir=home) overrides."""
+    return yaml.safe_load(instance_settings(home))
 pytest_plugins = ["tests.gcs_emulator"]  # the GCS emulator fixtures: gcs_endpoint, gcs_client, gcs_bucket
 
 

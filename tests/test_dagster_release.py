@@ -14,7 +14,7 @@ from resources.compute import usable_cores
 from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus
-from tests.conftest import PINNED_SHA, shipped_storage
+from tests.conftest import PINNED_SHA, shipped_settings
 
 ENV_FIELDS = ["python_version", "library_versions", "os", "kernel", "architecture", "cpu_model", "cpu_count",
               "cloud_region", "compute_pool", "hostname", "container_image_digest", "container_image_reason"]
@@ -28,7 +28,7 @@ def latest(instance: DagsterInstance, key: AssetKey, run_id: str):
 
 def test_release_job_end_to_end(tmp_path):
     store = LocalRunStore(tmp_path / "store")
-    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_storage(tmp_path)) as instance:
+    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_settings(tmp_path)) as instance:
         outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA)
         assert outcome.success and outcome.failed_checks == []
         run_id = outcome.meta.run_id
@@ -81,7 +81,7 @@ def test_release_job_end_to_end(tmp_path):
 def test_failing_calibration_check_stops_the_area_files(tmp_path):
     store = LocalRunStore(tmp_path / "store")
     config = config_for_scale("tiny", quality={"max_mean_rel_abs_error": 1e-9})
-    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_storage(tmp_path)) as instance:
+    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_settings(tmp_path)) as instance:
         run_id = start_run(store, config, CODE).run_id
         instance.add_dynamic_partitions(RUN_IDS, [run_id])
         result = defs.resolve_job_def("release").execute_in_process(
