@@ -48,9 +48,9 @@ POLL_SECONDS = 0.5
 QUEUE_DAEMON = "QUEUED_RUN_COORDINATOR"  # the dagster-daemon's part that dequeues runs
 DAEMON_HEARTBEAT_SECONDS = 120  # a dequeuing daemon older than this is taken for gone
 
-def instance_settings(home: Path) -> bytes:
+def instance_settings() -> bytes:
     """The settings a new $DAGSTER_HOME gets (an existing dagster.yaml is never touched): Dagster's
-    stock storage under `home`, and runs launched as they are submitted, since no dagster-daemon
+    stock storage, and runs launched as they are submitted, since no dagster-daemon
     need be running to dequeue them (the production instance queues them for its daemon)."""
     return b"""# Written by usdata-pipeline for a new instance; edit freely.
 python_logs:
@@ -98,7 +98,7 @@ def dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
     if not settings.exists():
-        write_bytes_atomic(settings, instance_settings(home))
+        write_bytes_atomic(settings, instance_settings())
     os.environ[DAGSTER_HOME_VARIABLE] = str(home)
     return home
 

@@ -55,7 +55,7 @@ def forget_partition(instance: DagsterInstance, partition_key: str, dagster_run_
 
 
 def _refuse(context: AssetExecutionContext, message: str) -> NoReturn:
-    forget_partition(context.instance, context.partition_key, context.run_id)
+    forget_partition(context.instance, context.partition_key, context.run.run_id)
     raise Failure(description=message)
 
 
@@ -111,8 +111,8 @@ def open_run(context: AssetExecutionContext, store: LocalRunStore) -> RunMeta:
     clashing = [f"{name}={present[name]!r} (meta.json: {value!r})" for name, value in identity.items()
                 if name in present and present[name] != value]
     if clashing:
-        raise Failure(description=f"run {run_id}: the Dagster run {context.run_id} is tagged {', '.join(clashing)}")
+        raise Failure(description=f"run {run_id}: the Dagster run {context.run.run_id} is tagged {', '.join(clashing)}")
     missing = {name: value for name, value in identity.items() if name not in present}
     if missing:
-        context.instance.add_run_tags(context.run_id, missing)
+        context.instance.add_run_tags(context.run.run_id, missing)
     return meta
