@@ -2,8 +2,7 @@
 SQLite instance as `usdata-pipeline` creates it) and through the bare driver, in the same process
 run: the ratio of wall times, and the orchestration overhead of each step: Dagster's step time minus
 the same step's time in the bare driver (for the check and staging steps, which the driver does not
-have, their whole time). Each repeat also runs Dagster on its stock SQLite storage, which opens a new
-connection for every read and write, to show what the kept connections save."""
+have, their whole time)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from dagster import DagsterEventType, DagsterInstance
 
 from bench.common import bench_parser, pinned_code, timed, write_result
@@ -48,13 +46,6 @@ def seconds_to_first_step(instance: DagsterInstance, dagster_run_id: str, launch
     raise ValueError(f"run {dagster_run_id} started no step")
 
 
-def stock_storage_settings(home: Path) -> bytes:
-    """The settings of a new instance, less the storage block: Dagster's default SQLite storage."""
-    settings = yaml.safe_load(instance_settings(home))
-    del settings["storage"]
-    return yaml.safe_dump(settings).encode()
-
-
 def dagster_release(home: Path, store: LocalRunStore, config, code, sha) -> tuple[float, float, dict[str, float]]:
     """One release through Dagster on the instance at `home`: (wall, launch to first step, step times)."""
     os.environ["DAGSTER_HOME"] = str(home)
@@ -67,45 +58,25 @@ def dagster_release(home: Path, store: LocalRunStore, config, code, sha) -> tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = bench_parser(__doc__, repeats=3)
-    parser.add_argument("--no-stock-storage", dest="stock_storage", action="store_false",
-                        help="skip the runs on Dagster's stock storage (they take longest)")
-    args = parser.parse_args(argv)
+    args = bench_parser(__doc__, repeats=3).parse_args(argv)
     config = config_for_scale(args.scale)
     sha, code = pinned_code()
-    driver_walls, dagster_walls, stock_walls, overheads, starts = [], [], [], [], []
+    driver_walls, dagster_walls, overheads, starts = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        homes = {"shipped": Path(tmp) / "dagster_home", "stock": Path(tmp) / "stock_home"}
-        for kind, home in homes.items():
-            home.mkdir()
-            (home / "dagster.yaml").write_bytes(instance_settings(home) if kind == "shipped" else stock_storage_settings(home))
+        home = Path(tmp) / "dagster_home"
+        home.mkdir()
+        (home / "dagster.yaml").write_bytes(instance_settings())
         for repeat in range(args.repeats):
             store = LocalRunStore(Path(tmp) / f"driver_{repeat}")
             seconds, (driver_meta, _) = timed(lambda: run_release(store, config, code, running_sha=sha))
             driver_walls.append(seconds)
             work = {name: t.duration_s for name, t in driver_meta.step_timings.items()}
-
-            # The first Dagster run of the process also starts the step server: alternate which goes first.
-            kinds = ("shipped", "stock") if args.stock_storage else ("shipped",)
-            for kind in kinds[:: 1 if repeat % 2 == 0 else -1]:
-                seconds, start, steps = dagster_release(homes[kind], LocalRunStore(Path(tmp) / f"{kind}_{repeat}"),
-                                                        config, code, sha)
-                if kind == "stock":
-                    stock_walls.append(seconds)
-                    continue
-                dagster_walls.append(seconds)
-                starts.append(start)
-                overheads.append({step: round(steps[step] - work.get(step, 0.0), 3) for step in steps})
+            seconds, start, steps = dagster_release(home, LocalRunStore(Path(tmp) / f"dagster_{repeat}"), config, code, sha)
+            dagster_walls.append(seconds)
+            starts.append(start)
+            overheads.append({step: round(steps[step] - work.get(step, 0.0), 3) for step in steps})
     driver, dagster = statistics.median(driver_walls), statistics.median(dagster_walls)
     per_step = {step: statistics.median(o[step] for o in overheads) for step in overheads[0]}
-    stock_storage = {}
-    if stock_walls:
-        stock = statistics.median(stock_walls)
-        stock_storage = {
-            "dagster_stock_storage_wall_s": {"median": stock, "samples": stock_walls},
-            "ratio_stock_storage_over_driver": stock / driver,
-            "dagster_overhead_stock_storage_s": stock - driver,
-        }
     write_result(
         f"orchestration_{args.scale}",
         {
@@ -122,9 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             "run_start_s": statistics.median(starts),
             "per_step_overhead_s": per_step,
             "median_step_overhead_s": statistics.median(per_step.values()),
-            **stock_storage,
-            "executor": "multiprocess (forkserver, max_concurrent 2); on-disk SQLite instance "
-                        "(pipeline_assets.instance_storage; the stock storage for comparison)",
+            "executor": "multiprocess (forkserver, max_concurrent 2); on-disk SQLite instance (Dagster's stock "
+                        "storage), runs launched through it with `dagster job launch`",
         },
     )
 
