@@ -22,7 +22,7 @@ from pipeline_assets.identity import (
     running_code_sha,
 )
 from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
-from pipeline_assets.promotion import PromotionFailed, PromotionRefused
+from pipeline_assets.promotion import PromotionFailed
 from resources.git import GitError, code_state
 from resources.ledger import LEDGER_VARIABLE, location_problem, redact
 from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
