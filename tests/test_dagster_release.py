@@ -163,3 +163,15 @@ def test_a_run_launched_without_tags_gets_them_from_meta_json(tmp_path):
         assert result.success
         tags = instance.get_run_by_id(result.run_id).tags
     assert {name: tags[name] for name in START_TAGS} == run_tags(meta)
+
+
+def test_a_run_queued_with_no_daemon_to_dequeue_it_fails_in_one_line(tmp_path):
+    """instance_for_test's own settings queue runs (QueuedRunCoordinator) and no dagster-daemon runs here."""
+    store = LocalRunStore(tmp_path / "store")
+    with instance_for_test() as instance:
+        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA)
+        assert not outcome.success and instance.get_run_by_id(outcome.dagster_run_id).status.value == "FAILURE"
+    meta = store.read_meta(outcome.meta.run_id)
+    assert meta.status is RunStatus.failed and meta.error.step == "run" and "\n" not in meta.error.message
+    assert f"the Dagster run {outcome.dagster_run_id} never started (queued, and no dagster-daemon" in meta.error.message
+    assert meta.step_timings == {}
