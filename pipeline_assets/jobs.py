@@ -11,6 +11,7 @@ STEP_PRELOAD = [
     "pipeline_assets.definitions",
     "pipeline_assets.steps.weights",
     "quantile_forest",  # imported where the datasets are built (~0.9 s)
+    "alembic.command",  # imported by Dagster's SQLite storage, which each step process opens
 ]
 release_executor = multiprocess_executor.configured({
     "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}},
