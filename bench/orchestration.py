@@ -58,7 +58,7 @@ def postgres_settings(home: Path, server: PostgresServer) -> bytes:
     not through a queue)."""
     administer(server, 'CREATE DATABASE "dagster"')
     production = ProductionInstance(hostname=server.host, port=server.port, db_name="dagster", username=server.username)
-    settings = yaml.safe_load(instance_settings(home)) | {"storage": yaml.safe_load(production.settings())["storage"]}
+    settings = yaml.safe_load(instance_settings()) | {"storage": yaml.safe_load(production.settings())["storage"]}
     return yaml.safe_dump(settings).encode()
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                 stack.callback(os.environ.pop, PASSWORD_VARIABLE, None)
                 (home / "dagster.yaml").write_bytes(postgres_settings(home, server))
             else:
-                (home / "dagster.yaml").write_bytes(instance_settings(home))
+                (home / "dagster.yaml").write_bytes(instance_settings())
         for repeat in range(args.repeats):
             store = LocalRunStore(Path(tmp) / f"driver_{repeat}")
             seconds, _ = timed(lambda: run_release(store, config, code, running_sha=sha))
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             "goal_ratio": 1.05,
             "storages": {storage: summary(storage_runs, driver) for storage, storage_runs in runs.items()},
             "executor": "multiprocess (forkserver, max_concurrent 2); Dagster's stock storages: embedded SQLite "
-                        "(a new $DAGSTER_HOME's) and dagster-postgres (the production instance's)",
+                        "(a new $DAGSTER_HOME's) and dagster-postgres (the production instance's); runs launched through the "
+                        "instance with `dagster job launch`",
         },
     )
 

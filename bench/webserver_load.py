@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home, store = Path(tmp) / "dagster_home", LocalRunStore(Path(tmp) / "store")
         home.mkdir()
-        (home / "dagster.yaml").write_bytes(instance_settings(home))
+        (home / "dagster.yaml").write_bytes(instance_settings())
         os.environ["DAGSTER_HOME"] = str(home)
         with DagsterInstance.get() as instance:
             outcome = launch_release(store, instance, config_for_scale("tiny"), code, running_sha=sha)

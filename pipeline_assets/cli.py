@@ -22,7 +22,7 @@ from pipeline_assets.identity import (
     running_code_sha,
 )
 from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
-from pipeline_assets.promotion import PromotionFailed, PromotionRefused
+from pipeline_assets.promotion import PromotionFailed
 from resources.git import GitError, code_state
 from resources.ledger import LEDGER_VARIABLE, location_problem, redact
 from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
@@ -415,25 +415,24 @@ def _backends():
 
 
 def command_promote(args: argparse.Namespace) -> int:
-    """Under the store's release lock (an flock that writes nothing): refuse fast (one line, nothing
-    written), then materialize the promotion asset in Dagster, whose promote() checks again under the
-    same lock. Of concurrent promotions one gets through; each other is refused by the first check,
-    or by the asset's (its one line reaches the user), never by a half-made release."""
+    """Refuse fast under the store's release lock (an flock that writes nothing: one line, nothing
+    written), then launch the promotion asset through the instance, whose promote() checks again
+    under the same lock. Of concurrent promotions one gets through; each other is refused by the
+    first check, or by the asset's (its one line reaches the user), never by a half-made release."""
     from dagster import DagsterInstance
 
-    from pipeline_assets.launch import dagster_home
+    from pipeline_assets.launch import dagster_home, launch_promotion
     from pipeline_assets.promotion import check_promotable
 
     store = LocalRunStore()
     registry = _backends().registry_backend(store)
-    with store.release_lock():
+    with store.release_lock():  # released before the launch: the promotion's run takes it in its own process
         check_promotable(store, args.run_id, args.version, registry, args.allow_dirty)
-        dagster_home()
-        with DagsterInstance.get() as instance:
-            result = _execute_promotion(instance, store, args)
-            error = promotion_job_error(instance, result, args.run_id)
-    if error is not None:
-        raise error
+    dagster_home()
+    with DagsterInstance.get() as instance:
+        result = launch_promotion(instance, store, args.run_id, args.version, args.allow_dirty)
+    if not result.success:
+        raise result.error
     meta = store.read_meta(args.run_id)
     print(f"promoted {args.run_id} as {args.version} to {', '.join(meta.promotion.published)}")
     current = registry.read().current
@@ -441,48 +440,6 @@ def command_promote(args: argparse.Namespace) -> int:
         print(f"current stays {current}: {args.version} is lower (semver precedence); `rollback --to {args.version}` "
               "makes a release of it current")
     return 0
-
-
-def _execute_promotion(instance, store: LocalRunStore, args: argparse.Namespace):
-    """The promote job for the version's partition (added here: the registry's versions are its partitions)."""
-    from pipeline_assets.definitions import defs
-    from pipeline_assets.partitions import RELEASE_VERSIONS
-
-    if not instance.has_dynamic_partition(RELEASE_VERSIONS, args.version):
-        instance.add_dynamic_partitions(RELEASE_VERSIONS, [args.version])
-    return defs.resolve_job_def("promote").execute_in_process(
-        partition_key=args.version,
-        instance=instance,
-        raise_on_error=False,
-        run_config={
-            "ops": {"promotion": {"config": {"run_id": args.run_id, "allow_dirty": args.allow_dirty}}},
-            "resources": {"run_store": {"config": {"root": str(store.root)}}},
-            # A failure's traceback stays in the Dagster run; the user gets its one line from us.
-            "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
-        },
-    )
-
-
-def promotion_job_error(instance, result, run_id: str) -> Exception | None:
-    """None when the promote run published; else its one line: a refusal (tagged on the run by the
-    promotion asset, which wrote nothing) is PromotionRefused (exit 2), a failed step PromotionFailed
-    (exit 1), with the step's own exception under Dagster's wrappers."""
-    from pipeline_assets.release import REFUSED_TAG
-
-    refusal = instance.get_run_by_id(result.run_id).tags.get(REFUSED_TAG)
-    if refusal is not None:
-        return PromotionRefused(refusal)
-    if result.success:
-        return None
-    failure = next((e for e in result.all_events if e.is_step_failure), None)
-    error = failure.step_failure_data.error if failure else None
-    while error is not None and error.cause is not None:
-        error = error.cause
-    if error is None:
-        return PromotionFailed(f"promotion of {run_id} failed before its step ran: see the Dagster run {result.run_id}")
-    line = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
-    line = line.removeprefix(f"{error.cls_name}: ").split(f".{error.cls_name}: ", 1)[-1]  # the module-qualified name too
-    return PromotionFailed(f"promotion of {run_id} failed: {line}")
 
 
 def command_rollback(args: argparse.Namespace) -> int:

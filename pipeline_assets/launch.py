@@ -1,23 +1,31 @@
-"""Launch one release through Dagster: register the run_id partition, execute the job, settle meta.json."""
+"""Launch one release through the Dagster instance: register the run_id partition, submit the job, wait, settle meta.json."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import yaml
 
-from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance, DagsterRunStatus, ReexecutionOptions, RunsFilter, execute_job, reconstructable
+from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from pipeline_assets.checks import failing_checks
 from pipeline_assets.driver import first_line, settle_run, start_run
-from pipeline_assets.identity import ensure_no_skew, running_code_sha
-from pipeline_assets.jobs import start_step_server
-from pipeline_assets.partitions import RUN_IDS
+from pipeline_assets.identity import SOURCE_ROOT, ensure_no_skew, running_code_sha
+from pipeline_assets.jobs import PROMOTE_JOB, RELEASE_JOB
+from pipeline_assets.partitions import RELEASE_VERSIONS, RUN_IDS
+from pipeline_assets.promotion import PromotionFailed, PromotionRefused
+from pipeline_assets.release import REFUSED_TAG
+from pipeline_assets.run_start import PARTITION_TAG, run_tags
 from pipeline_assets.steps.config import RunConfig
 from resources.files import write_bytes_atomic
 from resources.git import CodeState
@@ -25,7 +33,6 @@ from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import LineageSettings
 from resources.run_store import (
     LocalRunStore,
-    Orchestrator,
     RunError,
     RunMeta,
     RunStatus,
@@ -37,23 +44,24 @@ from resources.run_store import (
 
 DAGSTER_HOME_VARIABLE = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = ".dagster"
+WORKSPACE = SOURCE_ROOT / "workspace.yaml"
+POLL_SECONDS = 0.5
+QUEUE_DAEMON = "QUEUED_RUN_COORDINATOR"  # the dagster-daemon's part that dequeues runs
+DAEMON_HEARTBEAT_SECONDS = 120  # a dequeuing daemon older than this is taken for gone
 
-def instance_settings(home: Path) -> bytes:
-    """The settings a new $DAGSTER_HOME gets (an existing dagster.yaml is never touched). The storage's
-    base_dir is written out, as Dagster's default storage records it, because step processes start
-    from a server that may have been started under another $DAGSTER_HOME."""
-    return f"""# Written by usdata-pipeline for a new instance; edit freely.
+def instance_settings() -> bytes:
+    """The settings a new $DAGSTER_HOME gets (an existing dagster.yaml is never touched): Dagster's
+    stock storage, and runs launched as they are submitted, since no dagster-daemon
+    need be running to dequeue them (the production instance queues them for its daemon)."""
+    return b"""# Written by usdata-pipeline for a new instance; edit freely.
 python_logs:
   python_log_level: WARNING  # step start-up lines stay in the UI's event log, off the console
 telemetry:
   enabled: false  # no network at run time except to the services you configure
-storage:  # Dagster's SQLite files and schema, with connections kept open (pipeline_assets/instance_storage.py)
-  custom:
-    module: pipeline_assets.instance_storage
-    class: PooledSqliteStorage
-    config:
-      base_dir: {json.dumps(str(home))}
-""".encode()
+run_coordinator:  # a submitted run starts at once: no dagster-daemon needed
+  module: dagster.core.run_coordinator
+  class: DefaultRunCoordinator
+"""
 
 
 def checked_dagster_home() -> Path:
@@ -91,16 +99,9 @@ def dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
     if not settings.exists():
-        write_bytes_atomic(settings, instance_settings(home))
+        write_bytes_atomic(settings, instance_settings())
     os.environ[DAGSTER_HOME_VARIABLE] = str(home)
     return home
-
-
-def release_job():
-    """Module-level so `reconstructable` can rebuild the job in each step process."""
-    from pipeline_assets.definitions import defs
-
-    return defs.resolve_job_def("release")
 
 
 @dataclass
@@ -132,8 +133,8 @@ def _watch_steps(store: LocalRunStore, run_id: str, report: Callable[[str, str, 
 
 
 def job_run_config(store: LocalRunStore, running_sha: str | None, compute: dict | None = None, lineage: dict | None = None) -> dict:
-    """Resources configured explicitly, not through the environment: the executor's forkserver keeps
-    the environment it started with. Dagster's console log stays at warnings (the UI has it all).
+    """Resources configured explicitly, not through the environment: the run executes in a process
+    the instance's run launcher starts, whose environment is not the caller's. Dagster's console log stays at warnings (the UI has it all).
     `lineage` is the lineage resource's config (transport, url, directory), checked here so a bad one
     refuses the run before it starts."""
     code = {"sha": running_sha} if running_sha else {}
@@ -144,6 +145,8 @@ def job_run_config(store: LocalRunStore, running_sha: str | None, compute: dict 
         LineageSettings.resolve(**lineage)
         resources["lineage"] = {"config": lineage}
     return {"resources": resources, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 
 
 def launch_release(
@@ -157,17 +160,16 @@ def launch_release(
     lineage: dict | None = None,
     ledger: GitLedger | None = None,
 ) -> LaunchOutcome:
-    """Create the run, execute the release job for its partition, and leave meta.json settled (and
-    recorded in the ledger: `ledger`, else the configured one, opened before the run starts)."""
+    """Create the run, submit the release job for its partition through the instance, wait for it,
+    and leave meta.json settled (and recorded in the ledger: `ledger`, else the configured one,
+    opened before the run starts)."""
     run_config = job_run_config(store, running_sha, compute, lineage)
     ledger = ledger or configured_ledger(store.root)
-    start_step_server()  # its imports overlap creating the run
     for orphan in settle_orphans(store):  # before the steps look for runs to reuse
         fail_abandoned_dagster_runs(instance, orphan)
-    meta = start_run(store, config, code, orchestrator=Orchestrator.current())
+    meta = start_run(store, config, code)  # no orchestrator: the instance's run worker drives the run
     instance.add_dynamic_partitions(RUN_IDS, [meta.run_id])
-    tags = {"dagster/partition": meta.run_id, "git_sha": code.sha, "branch": code.branch or ""}
-    return _execute(store, instance, meta.run_id, run_config, tags, report, ledger)
+    return _launch(store, instance, meta.run_id, run_config, run_tags(meta), report, ledger)
 
 
 def resume_release(
@@ -181,10 +183,11 @@ def resume_release(
     ledger: GitLedger | None = None,
 ) -> LaunchOutcome:
     """Re-execute only the failed, interrupted and never-run steps of a failed run (one whose
-    orchestrator died is settled as failed first), at its pinned SHA, driven by this process.
+    orchestrator died is settled as failed first), at its pinned SHA, as a new Dagster run of the
+    release job selecting those steps.
 
-    The completed steps' outputs stay: Dagster re-executes from the failure, and a step whose
-    record in this run still verifies is kept rather than recomputed.
+    The completed steps' outputs stay: they are not selected, and a selected step whose record in
+    this run still verifies is kept rather than recomputed.
     """
     meta = settle_if_orphaned(store, run_id)
     if meta.status is not RunStatus.failed:
@@ -198,21 +201,26 @@ def resume_release(
             raise RunStoreError(f"run {run_id} is {m.status.value}: only a failed run can be resumed")
         m.transition(RunStatus.running)
         m.error = None
-        m.orchestrator = Orchestrator.current()
+        m.orchestrator = None
 
-    start_step_server()
-    store.update_meta(run_id, reopen)
+    meta = store.update_meta(run_id, reopen)
     fail_abandoned_dagster_runs(instance, run_id)  # the run was failed: nothing drives them now
-    parent = instance.get_runs(RunsFilter(tags={"dagster/partition": run_id}, statuses=[DagsterRunStatus.FAILURE]), limit=1)
-    options = ReexecutionOptions.from_failure(parent[0].run_id, instance) if parent else None
-    tags = {"dagster/partition": run_id, "git_sha": meta.sha, "branch": meta.branch or "", "resumed": "true"}
-    return _execute(store, instance, run_id, run_config, tags, report, ledger, options)
+    return _launch(store, instance, run_id, run_config, {**run_tags(meta), "resumed": "true"}, report, ledger,
+                   steps_to_resume(meta))
+
+
+def steps_to_resume(meta: RunMeta) -> list[str]:
+    """The release job's steps (checks included) less those that succeeded in the run."""
+    from pipeline_assets.definitions import defs
+
+    succeeded = {step for step, timing in meta.step_timings.items() if timing.status == "succeeded"}
+    return [step for step in defs.resolve_job_def(RELEASE_JOB).graph.node_names() if step not in succeeded]
 
 
 def fail_abandoned_dagster_runs(instance: DagsterInstance, run_id: str) -> None:
     """Mark failed the unfinished Dagster runs of a run whose orchestrator died: no process will
     ever end them, and a resume re-executes from them."""
-    for dagster_run in instance.get_runs(RunsFilter(tags={"dagster/partition": run_id})):
+    for dagster_run in instance.get_runs(RunsFilter(tags={PARTITION_TAG: run_id})):
         if not dagster_run.is_finished:
             instance.report_run_failed(dagster_run, message=f"the orchestrator of run {run_id} died")
 
@@ -237,37 +245,160 @@ def step_failure_error(events) -> RunError | None:
     return RunError(step=failure.step_key, message=line)
 
 
-def _execute(store, instance, run_id, run_config, tags, report, ledger, reexecution: ReexecutionOptions | None = None) -> LaunchOutcome:
-    """Execute the job and settle the run from what it recorded: the first step failure (a killed
-    step process included) under that step, else the failed checks. An orchestrator that fails
-    itself settles the run before it goes."""
+def run_step_failure(instance: DagsterInstance, dagster_run_id: str) -> RunError | None:
+    """step_failure_error of a Dagster run, from the instance's event log."""
+    logs = instance.all_logs(dagster_run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.ENGINE_EVENT})
+    return step_failure_error([entry.dagster_event for entry in logs])
+
+
+def run_check_evaluations(instance: DagsterInstance, dagster_run_id: str) -> list:
+    """Every asset check evaluation a Dagster run recorded."""
+    entries = instance.all_logs(dagster_run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+    return [entry.dagster_event.asset_check_evaluation_data for entry in entries]
+
+
+class LaunchNeverStarted(RuntimeError):
+    """The instance never started a submitted run (one line: why)."""
+
+
+@dataclass
+class Submission:
+    dagster_run_id: str
+    launcher: subprocess.Popen  # `dagster job launch`
+    output: IO[bytes]  # what it printed: read back when the run never starts
+
+
+def submit_job(instance: DagsterInstance, job: str, run_config: dict, tags: dict[str, str],
+               op_selection: list[str] | None = None) -> Submission:
+    """Submit a run of `job` through the instance with Dagster's own CLI, so the run has the code
+    location's origin (the UI lists it under its job) and the instance's run coordinator and launcher
+    take it (queued where a daemon dequeues). The run goes on when the launching process exits: the
+    code server it started serves until its runs have finished."""
+    dagster_run_id = str(uuid.uuid4())
+    command = [sys.executable, "-m", "dagster", "job", "launch", "-w", str(WORKSPACE), "-j", job,
+               "--run-id", dagster_run_id, "--tags", json.dumps(tags), "--config-json", json.dumps(run_config)]
+    if op_selection:
+        command += ["-o", ",".join(op_selection)]
+    output = tempfile.TemporaryFile()
+    launcher = subprocess.Popen(command, env={**os.environ, DAGSTER_HOME_VARIABLE: instance.root_directory},
+                                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    return Submission(dagster_run_id, launcher, output)
+
+
+def queue_unserved(instance: DagsterInstance) -> bool:
+    """Whether no dagster-daemon has dequeued runs for this instance lately."""
+    heartbeat = instance.get_daemon_heartbeats().get(QUEUE_DAEMON)
+    return heartbeat is None or heartbeat.timestamp < time.time() - DAEMON_HEARTBEAT_SECONDS
+
+
+def wait_for_run(instance: DagsterInstance, submission: Submission) -> DagsterRun:
+    """Poll the instance until the run has finished (through QUEUED while a daemon dequeues). A run
+    the launching process left unlaunched, or queued with no daemon to dequeue it, is marked failed:
+    LaunchNeverStarted, naming why."""
+    launcher = submission.launcher
+    while True:
+        launching = launcher.poll() is None  # asked first: the run read next is at least as new
+        run = instance.get_run_by_id(submission.dagster_run_id)
+        if run is not None and run.is_finished:
+            launcher.wait()
+            submission.output.close()
+            return run
+        if launching:
+            time.sleep(POLL_SECONDS)
+            continue
+        why = None
+        if run is None or run.status is DagsterRunStatus.NOT_STARTED:
+            submission.output.seek(0)
+            said = [line.strip() for line in submission.output.read().decode(errors="replace").splitlines() if line.strip()]
+            why = f"dagster job launch exited {launcher.returncode}" + (f": {said[-1]}" if said else "")
+        elif run.status is DagsterRunStatus.QUEUED and queue_unserved(instance):
+            why = (f"queued, and no dagster-daemon has dequeued runs of {instance.root_directory} in the last "
+                   f"{DAEMON_HEARTBEAT_SECONDS} s: start one, or give the instance the DefaultRunCoordinator")
+        if why:
+            submission.output.close()
+            if run is not None:
+                instance.report_run_failed(run, message=why)
+            raise LaunchNeverStarted(f"the Dagster run {submission.dagster_run_id} never started ({why})")
+        time.sleep(POLL_SECONDS)
+
+
+def _launch(store, instance, run_id, run_config, tags, report, ledger, op_selection: list[str] | None = None) -> LaunchOutcome:
+    """Submit the release job for `run_id`, report its steps while it runs, and settle the run from
+    what it recorded: the first step failure (a killed step process included) under that step, else
+    the failed checks. A launch that fails before the run starts settles the run failed; once it has
+    started the run goes on whatever happens to this process (the run-status sensors settle it)."""
     done = threading.Event()
     watcher = threading.Thread(target=_watch_steps, args=(store, run_id, report, done), daemon=True)
     watcher.start()
     try:
-        with execute_job(
-            reconstructable(release_job),
-            instance=instance,
-            run_config=run_config,
-            tags=tags,
-            reexecution_options=reexecution,
-        ) as result:
-            success = result.success
-            dagster_run_id = result.run_id
-            evaluations = [e.asset_check_evaluation_data for e in result.all_events
-                           if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
-            failed_checks = failing_checks(evaluations)
-            warned_checks = failing_checks(evaluations, AssetCheckSeverity.WARN)
-            error = None if success else (
-                step_failure_error(result.all_events)
-                or RunError(step="run", message=f"the Dagster run {dagster_run_id} failed outside any step")
-            )
-    except BaseException as exc:
-        settle_run(store, run_id, False, [], error=RunError(step="run", message=f"the orchestrator failed: {first_line(exc)}"),
-                   ledger=ledger)
-        raise
+        try:
+            submission = submit_job(instance, RELEASE_JOB, run_config, {PARTITION_TAG: run_id, **tags}, op_selection)
+        except OSError as exc:
+            settle_run(store, run_id, False, [], error=RunError(step="run", message=f"the launch failed: {first_line(exc)}"),
+                       ledger=ledger)
+            raise
+        try:
+            run = wait_for_run(instance, submission)
+        except LaunchNeverStarted as exc:
+            meta = settle_run(store, run_id, False, [], error=RunError(step="run", message=str(exc)), ledger=ledger)
+            return LaunchOutcome(meta, False, submission.dagster_run_id, [], [])
     finally:
         done.set()
         watcher.join()
+    dagster_run_id = run.run_id
+    success = run.status is DagsterRunStatus.SUCCESS
+    evaluations = run_check_evaluations(instance, dagster_run_id)
+    failed_checks = failing_checks(evaluations)
+    error = None if success else (
+        run_step_failure(instance, dagster_run_id)
+        or RunError(step="run", message=f"the Dagster run {dagster_run_id} {run.status.value.lower()} outside any step")
+    )
     meta = settle_run(store, run_id, success, failed_checks, error=error, ledger=ledger)
-    return LaunchOutcome(meta, success, dagster_run_id, failed_checks, warned_checks)
+    return LaunchOutcome(meta, success, dagster_run_id, failed_checks, failing_checks(evaluations, AssetCheckSeverity.WARN))
+
+
+@dataclass
+class PromotionLaunch:
+    success: bool
+    dagster_run_id: str
+    error: Exception | None  # PromotionRefused (nothing written) or PromotionFailed, when not a success
+
+
+def launch_promotion(instance: DagsterInstance, store: LocalRunStore, run_id: str, version: str,
+                     allow_dirty: bool) -> PromotionLaunch:
+    """Materialize the promotion asset's `version` partition (added here: the registry's versions
+    are its partitions) with `run_id` as its config, through the instance, and wait."""
+    if not instance.has_dynamic_partition(RELEASE_VERSIONS, version):
+        instance.add_dynamic_partitions(RELEASE_VERSIONS, [version])
+    run_config = {
+        "ops": {"promotion": {"config": {"run_id": run_id, "allow_dirty": allow_dirty}}},
+        "resources": {"run_store": {"config": {"root": str(store.root)}}},
+        # A failure's traceback stays in the Dagster run; the user gets its one line from us.
+        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+    }
+    tags = {**run_tags(store.read_meta(run_id)), PARTITION_TAG: version}
+    submission = submit_job(instance, PROMOTE_JOB, run_config, tags)
+    try:
+        run = wait_for_run(instance, submission)
+    except LaunchNeverStarted as exc:
+        return PromotionLaunch(False, submission.dagster_run_id, PromotionFailed(f"promotion of {run_id}: {exc}"))
+    refusal = run.tags.get(REFUSED_TAG)
+    if refusal is not None:  # the asset refused: it wrote nothing and failed no step
+        return PromotionLaunch(False, run.run_id, PromotionRefused(refusal))
+    if run.status is DagsterRunStatus.SUCCESS:
+        return PromotionLaunch(True, run.run_id, None)
+    return PromotionLaunch(False, run.run_id, promotion_error(instance, run.run_id, run_id))
+
+
+def promotion_error(instance: DagsterInstance, dagster_run_id: str, run_id: str) -> PromotionFailed:
+    """The promotion step's own exception (under Dagster's wrappers) as its one line: the promotion
+    failed (exit 1); a refusal never fails the step."""
+    failure = next(iter(instance.all_logs(dagster_run_id, of_type=DagsterEventType.STEP_FAILURE)), None)
+    error = failure.dagster_event.step_failure_data.error if failure else None
+    while error is not None and error.cause is not None:
+        error = error.cause
+    if error is None:
+        return PromotionFailed(f"promotion of {run_id} failed before its step ran: see the Dagster run {dagster_run_id}")
+    line = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
+    line = line.removeprefix(f"{error.cls_name}: ").split(f".{error.cls_name}: ", 1)[-1]  # the module-qualified name too
+    return PromotionFailed(f"promotion of {run_id} failed: {line}")

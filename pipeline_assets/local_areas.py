@@ -13,6 +13,7 @@ from pipeline_assets import stages
 from pipeline_assets.driver import recorded_step
 from pipeline_assets.materialize import OWNERS, file_metadata, identity_metadata, rounded, worker_environment_metadata
 from pipeline_assets.partitions import run_ids
+from pipeline_assets.run_start import open_run
 from pipeline_assets.tro import signer_from_environment, write_tro
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.database import population_targets
@@ -78,7 +79,7 @@ def local_areas(
     soon as its file is written: Dagster's ~20 ms of bookkeeping per area overlaps the building."""
     store = run_store.store()
     run_id = context.partition_key
-    meta = store.read_meta(run_id)
+    meta = open_run(context, store)
     selected = {AREA_BY_KEY[key].code for key in context.selected_asset_keys}
     codes = None if len(selected) == len(AREA_BY_KEY) else selected  # None: the whole step, reusable by part
     env = runtime.capture()

@@ -10,6 +10,7 @@ from pipeline_assets import stages
 from pipeline_assets.driver import run_step
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.reuse import StepRecord
+from pipeline_assets.run_start import open_run
 from pipeline_assets.steps.config import RunConfig
 from resources.dagster_resources import CodeResource, ComputeResource, LineageResource, RunStoreResource, RuntimeResource
 from resources.run_store import RunMeta
@@ -109,7 +110,7 @@ def execute_stage(
     """Run (or reuse) one release stage for the partition's run_id and describe what it wrote."""
     store = run_store.store()
     run_id = context.partition_key
-    meta = store.read_meta(run_id)
+    meta = open_run(context, store)
     config = RunConfig.model_validate(meta.config)
     env = runtime.capture()
     pool = compute.pool(meta.sha)

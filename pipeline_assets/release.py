@@ -26,6 +26,7 @@ from pipeline_assets.driver import step_timing
 from pipeline_assets.local_areas import AREA_KEYS
 from pipeline_assets.materialize import OWNERS
 from pipeline_assets.partitions import RELEASE_VERSIONS, release_versions, run_ids
+from pipeline_assets.run_start import open_run
 from resources.dagster_resources import ReleaseBackendsResource, RunStoreResource
 from resources.registry import InvalidVersion, VersionManifest
 
@@ -50,6 +51,7 @@ PROMOTION_CODE_VERSION = code_version("pipeline_assets.promotion")
 def staged_release(context: AssetExecutionContext, run_store: RunStoreResource) -> MaterializeResult:
     """Hard-link the run's published files and its TRO under staging/{run_id}/."""
     store = run_store.store()
+    open_run(context, store)
     with step_timing(store, context.partition_key, "staged_release"):
         manifest = promotion_logic.stage_release(store, context.partition_key)
     path = store.path(promotion_logic.staging_key(context.partition_key))

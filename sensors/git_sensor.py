@@ -1,7 +1,9 @@
 """The git sensor: each new commit on the watched branch becomes one release run.
 
-The run record is created here, at the commit the tick saw, so the run is pinned to that SHA even
-if the branch moves again before the run starts.
+A tick only asks: a new run_id partition and a run request whose tags pin the commit the tick saw
+(so the run keeps that SHA even if the branch moves before it starts). It writes nothing, so a
+previewed tick leaves no trace; the run's first step creates its record from those tags
+(pipeline_assets/run_start.py).
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from dagster import (
     sensor,
 )
 
-from pipeline_assets.driver import start_run
-from pipeline_assets.identity import SOURCE_ROOT
+from pipeline_assets.identity import SOURCE_ROOT, make_run_id, package_version
 from pipeline_assets.jobs import release_job
 from pipeline_assets.launch import job_run_config
 from pipeline_assets.partitions import run_ids
+from pipeline_assets.run_start import start_request_tags
 from pipeline_assets.steps.config import config_for_scale
 from resources.dagster_resources import RunStoreResource
 from resources.git import GitError, code_state, resolve_sha
+from resources.run_store import utcnow
 
 WATCH_REPO_VARIABLE = "PIPELINE_WATCH_REPO"
 WATCH_BRANCH_VARIABLE = "PIPELINE_WATCH_BRANCH"
@@ -59,8 +62,7 @@ def build_git_sensor(repo: str | os.PathLike, branch: str = "main", scale: str =
             return SkipReason(f"cannot read branch {branch} of {repo}: {exc}")
         if code is None:
             return SkipReason(f"no new commit on {branch} (still {sha[:8]})")
-        store = run_store.store()
-        run_id = start_run(store, config, code).run_id
+        run_id = make_run_id(package_version(), sha, utcnow())
         context.log.info(f"new commit {sha[:8]} on {branch}: run {run_id}")
         return SensorResult(
             run_requests=[
@@ -68,8 +70,8 @@ def build_git_sensor(repo: str | os.PathLike, branch: str = "main", scale: str =
                     partition_key=run_id,
                     run_key=sha,
                     # The root travels in the run config: step processes need not share our environment.
-                    run_config=job_run_config(store, None),
-                    tags={"git_sha": sha, "branch": branch},
+                    run_config=job_run_config(run_store.store(), None),
+                    tags=start_request_tags(run_id, code, config),
                 )
             ],
             dynamic_partitions_requests=[run_ids.build_add_request([run_id])],

@@ -1,7 +1,8 @@
 """Run-status sensors: keep meta.json true to how the Dagster run of a release ended.
 
-A run launched from the UI or by the git sensor has no caller waiting to settle its record, so these
-do it, through the same `settle_run` as `launch_release` (which also records the run in the ledger).
+A run launched from the UI or by the git sensor has no caller waiting to settle its record (nor one
+whose `usdata-pipeline` was stopped while it ran), so these do it, through the same `settle_run` as
+`launch_release` (which also records the run in the ledger).
 Both are idempotent with `launch_release` and with the steps' own error records: they change nothing
 unless meta.json still says `running`. They return None, so one tick handles every run that
 ended since the last (a returned value would end the tick's batch).
@@ -10,7 +11,6 @@ ended since the last (a returned value would end the tick's batch).
 from __future__ import annotations
 
 from dagster import (
-    DagsterEventType,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunFailureSensorContext,
@@ -22,11 +22,10 @@ from dagster import (
 from pipeline_assets.checks import failing_checks
 from pipeline_assets.driver import settle_run
 from pipeline_assets.jobs import release_job
-from pipeline_assets.launch import step_failure_error
+from pipeline_assets.launch import run_check_evaluations, run_step_failure
+from pipeline_assets.run_start import PARTITION_TAG
 from resources.dagster_resources import RunStoreResource
 from resources.run_store import LocalRunStore, RunError
-
-PARTITION_TAG = "dagster/partition"
 
 
 def _run_record(context: RunStatusSensorContext, run_store: RunStoreResource) -> tuple[LocalRunStore, str] | None:
@@ -44,11 +43,6 @@ def _run_record(context: RunStatusSensorContext, run_store: RunStoreResource) ->
     return store, run_id
 
 
-def _failed_checks(context: RunStatusSensorContext) -> list[str]:
-    entries = context.instance.all_logs(context.dagster_run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
-    return failing_checks(entry.dagster_event.asset_check_evaluation_data for entry in entries)
-
-
 @run_status_sensor(
     name="release_success_sensor",
     run_status=DagsterRunStatus.SUCCESS,
@@ -59,7 +53,7 @@ def _failed_checks(context: RunStatusSensorContext) -> list[str]:
 def release_success_sensor(context: RunStatusSensorContext, run_store: RunStoreResource):
     record = _run_record(context, run_store)
     if record:
-        meta = settle_run(*record, success=True, failed_checks=_failed_checks(context))
+        meta = settle_run(*record, success=True, failed_checks=failing_checks(run_check_evaluations(context.instance, context.dagster_run.run_id)))
         context.log.info(f"run {meta.run_id}: {meta.status.value}")
 
 
@@ -75,7 +69,6 @@ def release_failure_sensor(context: RunFailureSensorContext, run_store: RunStore
         return
     store, run_id = record
     outside = next(iter((context.failure_event.message or "").strip().splitlines()), "the Dagster run failed")
-    logs = context.instance.all_logs(context.dagster_run.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.ENGINE_EVENT})
-    error = step_failure_error([entry.dagster_event for entry in logs]) or RunError(step="run", message=outside)
+    error = run_step_failure(context.instance, context.dagster_run.run_id) or RunError(step="run", message=outside)
     meta = settle_run(store, run_id, success=False, failed_checks=[], error=error)
     context.log.info(f"run {run_id}: {meta.status.value}")

@@ -19,9 +19,10 @@ from resources.run_store import LocalRunStore
 PINNED_SHA = "a1b2c3d4" + "e" * 32
 
 
-def shipped_storage(home) -> dict:
-    """The instance storage a new $DAGSTER_HOME gets, as instance_for_test(temp_dir=home) overrides."""
-    return {"storage": yaml.safe_load(instance_settings(home))["storage"]}
+def shipped_settings() -> dict:
+    """The settings a new $DAGSTER_HOME gets, as instance_for_test overrides: runs launch as they
+    are submitted (instance_for_test's own settings queue them for a daemon no test runs)."""
+    return yaml.safe_load(instance_settings())
 pytest_plugins = ["tests.gcs_emulator", "tests.postgres"]  # fixtures: the GCS emulator (gcs_endpoint, gcs_client, gcs_bucket), PostgreSQL (postgres_server, postgres_database)
 
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline_assets.cli import main
 from pipeline_assets.driver import start_run
+from pipeline_assets.identity import SOURCE_ROOT
+from pipeline_assets.run_start import START_TAGS, run_tags
 from pipeline_assets.identity_contract import config_hash
 from pipeline_assets.steps.config import RunConfig, config_for_scale
 from resources.git import CodeState
@@ -100,8 +110,41 @@ def test_status_lists_runs_and_one_run(store, capsys):
     assert "policy_data_db" in detail and "succeeded" in detail
 
 
-def test_a_failing_step_exits_1_and_leaves_meta_failed(store, capsys, monkeypatch):
-    """--reuse-database with no completed run to take it from fails the first step."""
+RELEASE_RUNS_QUERY = """{ runsOrError(filter: {pipelineName: "release"}) { __typename ... on Runs { results {
+  runId jobName repositoryOrigin { repositoryLocationName } tags { key value } } } } }"""
+
+
+def webserver_release_runs(home: Path, timeout_s: float = 180) -> list[dict]:
+    """The release job's runs as the UI's GraphQL lists them: a webserver on a free 127.0.0.1 port over
+    the instance at `home`, stopped by its PID afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "dagster_webserver", "-w", str(SOURCE_ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+               "-p", str(port)]
+    server = subprocess.Popen(command, env={**os.environ, "DAGSTER_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and server.poll() is None:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": RELEASE_RUNS_QUERY}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return json.load(response)["data"]["runsOrError"]["results"]
+            except OSError:  # not serving yet
+                time.sleep(1)
+        raise AssertionError(f"dagster-webserver did not answer on port {port} within {timeout_s} s (exit {server.poll()})")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_a_run_is_launched_through_the_instance_and_a_failing_step_exits_1(store, capsys, monkeypatch):
+    """--reuse-database with no completed run to take it from fails the first step. The run is the
+    code location's, under the release job, with the run's tags: in the instance and in the UI."""
+    from dagster import DagsterInstance, RunsFilter
+
     monkeypatch.setenv("PIPELINE_CODE_SHA", PINNED_SHA)
     monkeypatch.setattr("pipeline_assets.cli.code_state", lambda repo, ref=None: CodeState(PINNED_SHA, "main", False, None))
     assert main(["run", "--scale", "tiny", "--reuse-database"]) == 1
@@ -109,7 +152,16 @@ def test_a_failing_step_exits_1_and_leaves_meta_failed(store, capsys, monkeypatc
     (meta,) = store.list_runs()
     assert meta.status is RunStatus.failed
     assert meta.error.step == "policy_data_db" and "no completed run" in meta.error.message
-    assert "failed" in out and meta.run_id in out
+    assert "failed" in out and meta.run_id in out and "[FAILED] policy_data_db" in out
+
+    home = Path(os.environ["DAGSTER_HOME"])
+    with DagsterInstance.get() as instance:
+        (run,) = instance.get_runs(RunsFilter(job_name="release"))
+    assert run.remote_job_origin is not None and run.remote_job_origin.location_name == "pipeline_assets"
+    assert {name: run.tags[name] for name in START_TAGS} == run_tags(meta)
+    (listed,) = webserver_release_runs(home)
+    assert listed["runId"] == run.run_id and listed["repositoryOrigin"]["repositoryLocationName"] == "pipeline_assets"
+    assert {tag["key"]: tag["value"] for tag in listed["tags"]}["run_id"] == meta.run_id
 
 
 def test_resource_sizes_reach_the_run_config_but_not_its_hash(store, capsys, monkeypatch):
@@ -124,9 +176,8 @@ def test_resource_sizes_reach_the_run_config_but_not_its_hash(store, capsys, mon
 
 
 def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_kept(tmp_path, monkeypatch):
-    from dagster import DagsterInstance
+    from dagster import DagsterInstance, QueuedRunCoordinator
 
-    from pipeline_assets.instance_storage import PooledSqliteEventLogStorage
     from pipeline_assets.launch import dagster_home
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "new_home"))
@@ -134,8 +185,9 @@ def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_k
     with DagsterInstance.get() as instance:
         assert instance.python_log_level == "WARNING"  # step start-up lines off the console
         assert instance.telemetry_enabled is False  # no network at run time
-        assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)  # Dagster's files, kept open
-        assert Path(instance.event_log_storage.path_for_shard("index")).parent == home / "history" / "runs"
+        assert not isinstance(instance.run_coordinator, QueuedRunCoordinator)  # no daemon needed to start a run
+        assert instance.get_runs() == [] and (home / "history" / "runs.db").is_file()  # Dagster's stock SQLite storage
+    assert "storage" not in yaml.safe_load((home / "dagster.yaml").read_text())
     mine = tmp_path / "own_home"
     mine.mkdir()
     (mine / "dagster.yaml").write_text("telemetry:\n  enabled: true\n")

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, instance_for_test
-from dagster._core.events import DagsterEventType
+import pytest
+from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, RunsFilter, instance_for_test
 
 from pipeline_assets import defs
 from pipeline_assets.driver import start_run
-from pipeline_assets.launch import job_run_config, launch_release
+from pipeline_assets.identity_contract import config_hash
+from pipeline_assets.launch import job_run_config, launch_release, step_failure_error
 from pipeline_assets.partitions import RUN_IDS
+from pipeline_assets.run_start import START_TAGS, run_tags
 from pipeline_assets.steps.config import config_for_scale
 from resources.compute import usable_cores
 from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus
-from tests.conftest import PINNED_SHA, shipped_storage
+from tests.conftest import PINNED_SHA, shipped_settings
 
 ENV_FIELDS = ["python_version", "library_versions", "os", "kernel", "architecture", "cpu_model", "cpu_count",
               "cloud_region", "compute_pool", "hostname", "container_image_digest", "container_image_reason"]
@@ -28,13 +30,19 @@ def latest(instance: DagsterInstance, key: AssetKey, run_id: str):
 
 def test_release_job_end_to_end(tmp_path):
     store = LocalRunStore(tmp_path / "store")
-    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_storage(tmp_path)) as instance:
+    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_settings()) as instance:
         outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA)
         assert outcome.success and outcome.failed_checks == []
         run_id = outcome.meta.run_id
         assert outcome.meta.status is RunStatus.completed
         assert store.read_meta(run_id).status is RunStatus.completed
         assert run_id in instance.get_dynamic_partitions(RUN_IDS)
+        # Launched through the instance: the code location's run of the release job, with the run's tags.
+        dagster_run = instance.get_run_by_id(outcome.dagster_run_id)
+        assert dagster_run.remote_job_origin is not None and dagster_run.job_name == "release"
+        assert {name: dagster_run.tags[name] for name in START_TAGS} == run_tags(outcome.meta)
+        assert dagster_run.tags["usdata/job"] == "release" and dagster_run.tags["scale"] == "tiny"
+        assert [r.run_id for r in instance.get_runs(RunsFilter(job_name="release"))] == [outcome.dagster_run_id]
 
         keys = defs.resolve_job_def("release").asset_layer.selected_asset_keys
         staged = latest(instance, AssetKey("staged_release"), run_id)
@@ -81,7 +89,7 @@ def test_release_job_end_to_end(tmp_path):
 def test_failing_calibration_check_stops_the_area_files(tmp_path):
     store = LocalRunStore(tmp_path / "store")
     config = config_for_scale("tiny", quality={"max_mean_rel_abs_error": 1e-9})
-    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_storage(tmp_path)) as instance:
+    with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_settings()) as instance:
         run_id = start_run(store, config, CODE).run_id
         instance.add_dynamic_partitions(RUN_IDS, [run_id])
         result = defs.resolve_job_def("release").execute_in_process(
@@ -97,3 +105,73 @@ def test_failing_calibration_check_stops_the_area_files(tmp_path):
         assert latest(instance, AssetKey(["states", "AL"]), run_id) is None
         assert latest(instance, AssetKey("national_h5"), run_id) is None
         assert not store.exists(store.run_key(run_id, "h5s"))
+
+
+# --- the run-start guard -----------------------------------------------------------------------------
+def execute_first_step(instance, store: LocalRunStore, partition_key: str, tags: dict | None = None):
+    """The release job's first step alone, in process, for `partition_key`."""
+    return defs.resolve_job_def("release").execute_in_process(
+        partition_key=partition_key, instance=instance, raise_on_error=False, tags=tags,
+        run_config=job_run_config(store, PINNED_SHA), op_selection=["policy_data_db"],
+    )
+
+
+def one_line_failure(result) -> str:
+    error = step_failure_error(result.all_events)
+    assert not result.success and error.step == "policy_data_db"
+    assert "\n" not in error.message
+    return error.message
+
+
+@pytest.mark.parametrize("partition_key, expected", [
+    ("1.0.0_bad", "malformed run_id '1.0.0_bad': expected {version}_{sha8}_{YYYYMMDD_HHMMSS}"),
+    ("0.1.0_a1b2c3d4_20260101_000000", "run 0.1.0_a1b2c3d4_20260101_000000 has no meta.json in "),
+])
+def test_a_partition_without_a_run_fails_in_one_line_and_is_forgotten(tmp_path, partition_key, expected):
+    """Nothing is written, and the partition is deleted unless another Dagster run used it."""
+    store = LocalRunStore(tmp_path / "store")
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(RUN_IDS, [partition_key])
+        assert expected in one_line_failure(execute_first_step(instance, store, partition_key))
+        assert not store.root.exists()
+        assert not instance.has_dynamic_partition(RUN_IDS, partition_key)
+
+        instance.add_dynamic_partitions(RUN_IDS, [partition_key])  # again: the first run has used it now
+        assert expected in one_line_failure(execute_first_step(instance, store, partition_key))
+        assert instance.has_dynamic_partition(RUN_IDS, partition_key)
+
+
+def test_a_start_request_that_does_not_match_its_partition_is_refused(tmp_path):
+    store = LocalRunStore(tmp_path / "store")
+    run_id = "0.1.0_a1b2c3d4_20260101_000000"
+    request = {"run_id": run_id, "git_sha": "f" * 40, "branch": "main", "scale": "tiny",
+               "config_hash": config_hash(config_for_scale("tiny"))}
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(RUN_IDS, [run_id])
+        message = one_line_failure(execute_first_step(instance, store, run_id, request))
+    assert f"start request git_sha {'f' * 40}" in message and "makes run_id 0.1.0_ffffffff_20260101_000000" in message
+    assert not store.root.exists()
+
+
+def test_a_run_launched_without_tags_gets_them_from_meta_json(tmp_path):
+    """As from the UI's launchpad: a partition with a run record, no tags."""
+    store = LocalRunStore(tmp_path / "store")
+    meta = start_run(store, config_for_scale("tiny"), CODE)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(RUN_IDS, [meta.run_id])
+        result = execute_first_step(instance, store, meta.run_id)
+        assert result.success
+        tags = instance.get_run_by_id(result.run_id).tags
+    assert {name: tags[name] for name in START_TAGS} == run_tags(meta)
+
+
+def test_a_run_queued_with_no_daemon_to_dequeue_it_fails_in_one_line(tmp_path):
+    """instance_for_test's own settings queue runs (QueuedRunCoordinator) and no dagster-daemon runs here."""
+    store = LocalRunStore(tmp_path / "store")
+    with instance_for_test() as instance:
+        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA)
+        assert not outcome.success and instance.get_run_by_id(outcome.dagster_run_id).status.value == "FAILURE"
+    meta = store.read_meta(outcome.meta.run_id)
+    assert meta.status is RunStatus.failed and meta.error.step == "run" and "\n" not in meta.error.message
+    assert f"the Dagster run {outcome.dagster_run_id} never started (queued, and no dagster-daemon" in meta.error.message
+    assert meta.step_timings == {}

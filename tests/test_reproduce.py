@@ -19,7 +19,7 @@ from pipeline_assets.tro import TRO_NAME, tro_revisions
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStoreError
 from resources.runtime import capture
-from tests.conftest import PINNED_SHA
+from tests.conftest import PINNED_SHA, shipped_settings
 
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
 
@@ -33,7 +33,7 @@ def original(tmp_path):
 
 def test_reproduce_gives_identical_bytes_and_reports_into_the_new_run(original):
     store, run_id = original
-    with instance_for_test() as instance:
+    with instance_for_test(overrides=shipped_settings()) as instance:
         report = reproduce(store, instance, run_id, CODE, running_sha=PINNED_SHA)
 
     new_run = report.reproduced_run_id
@@ -66,7 +66,7 @@ def test_a_different_environment_is_refused_naming_every_difference(original, mo
     })
     monkeypatch.setattr(reproduction, "capture", lambda: changed)
     runs_before = [m.run_id for m in store.list_runs()]
-    with instance_for_test() as instance, pytest.raises(EnvironmentMismatch) as refused:
+    with instance_for_test(overrides=shipped_settings()) as instance, pytest.raises(EnvironmentMismatch) as refused:
         reproduce(store, instance, run_id, CODE, running_sha=PINNED_SHA)
     message = str(refused.value)
     assert "\n" not in message and "--force" in message
@@ -81,7 +81,7 @@ def test_other_code_or_an_unfinished_run_is_refused(original):
     store, run_id = original
     other = "0badc0de" + "f" * 32
     unfinished = start_run(store, config_for_scale("tiny"), CODE).run_id
-    with instance_for_test() as instance:
+    with instance_for_test(overrides=shipped_settings()) as instance:
         with pytest.raises(VersionSkewError, match=other):
             reproduce(store, instance, run_id, CODE, running_sha=other)
         with pytest.raises(RunStoreError, match="uncommitted"):

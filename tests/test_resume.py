@@ -10,7 +10,7 @@ from pipeline_assets.launch import launch_release, resume_release
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus, RunStoreError
-from tests.conftest import PINNED_SHA
+from tests.conftest import PINNED_SHA, shipped_settings
 
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
 # The injected failure: the area step's worker pool cannot start, after both fits have finished.
@@ -23,7 +23,7 @@ def executed_steps(instance, dagster_run_id):
 
 def test_resume_completes_without_recomputing_upstream(tmp_path):
     store = LocalRunStore(tmp_path / "store")
-    with instance_for_test() as instance:
+    with instance_for_test(overrides=shipped_settings()) as instance:
         failed = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA, compute=BROKEN_POOL)
         run_id = failed.meta.run_id
         assert failed.meta.status is RunStatus.failed and failed.meta.error.step == "local_areas"
@@ -37,7 +37,7 @@ def test_resume_completes_without_recomputing_upstream(tmp_path):
         resumed = resume_release(store, instance, run_id, running_sha=PINNED_SHA)
         assert resumed.success and resumed.meta.status is RunStatus.completed and resumed.meta.error is None
         ran = executed_steps(instance, resumed.dagster_run_id)
-        assert "local_areas" in ran
+        assert "local_areas" in ran and instance.get_run_by_id(resumed.dagster_run_id).tags["resumed"] == "true"
         assert not ran & {"policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights"}
         after = resumed.meta.step_timings
         for step in ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights"):

@@ -21,8 +21,11 @@ from dagster import (
 
 from pipeline_assets import defs, driver
 from pipeline_assets.driver import start_run
+from pipeline_assets.identity import parse_run_id
+from pipeline_assets.identity_contract import config_hash
 from pipeline_assets.jobs import RELEASE_JOB
 from pipeline_assets.partitions import RUN_IDS
+from pipeline_assets.run_start import START_TAGS
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.tro import TRO_NAME
 from resources.dagster_resources import RunStoreResource
@@ -61,22 +64,31 @@ def tick(sensor, instance, store: LocalRunStore, cursor: str | None = None):
         return sensor(context)
 
 
-def test_each_new_commit_gives_one_run(repo, tmp_path):
+def store_listing(store: LocalRunStore) -> list[str]:
+    return sorted(str(path.relative_to(store.root)) for path in store.root.rglob("*"))
+
+
+def test_each_new_commit_gives_one_run_request_and_a_tick_writes_nothing(repo, tmp_path):
+    """A tick (a preview in the UI is one) only asks for the run: the store is left as it was."""
     store = LocalRunStore(tmp_path / "store")
-    sensor = build_git_sensor(repo, "main", "tiny")
+    store.root.mkdir()
+    (store.root / "runs").mkdir()
     sha = commit(repo, "one")
+    sensor = build_git_sensor(repo, "main", "tiny")
     with instance_for_test() as instance:
         result = tick(sensor, instance, store)
         assert isinstance(result, SensorResult) and result.cursor == sha
         (request,) = result.run_requests
         (add,) = result.dynamic_partitions_requests
         run_id = request.partition_key
+        assert parse_run_id(run_id).sha8 == sha[:8]
         assert add.partitions_def_name == RUN_IDS and list(add.partition_keys) == [run_id]
-        assert request.run_key == sha and request.tags["git_sha"] == sha and request.tags["branch"] == "main"
+        assert request.run_key == sha
+        assert {name: request.tags[name] for name in START_TAGS} == {
+            "run_id": run_id, "git_sha": sha, "branch": "main", "scale": "tiny",
+            "config_hash": config_hash(config_for_scale("tiny"))}
         assert request.run_config["resources"]["run_store"]["config"]["root"] == str(store.root)
-        meta = store.read_meta(run_id)
-        assert meta.status is RunStatus.running and meta.sha == sha and meta.branch == "main"
-        assert meta.config == config_for_scale("tiny").model_dump(mode="json")
+        assert store_listing(store) == ["runs"]
 
         again = tick(sensor, instance, store, cursor=sha)
         assert isinstance(again, SkipReason) and "no new commit" in again.skip_message
@@ -84,8 +96,30 @@ def test_each_new_commit_gives_one_run(repo, tmp_path):
         newer = commit(repo, "two")
         (next_request,) = tick(sensor, instance, store, cursor=sha).run_requests
         assert next_request.run_key == newer and next_request.partition_key != run_id
-        assert store.read_meta(next_request.partition_key).sha == newer
-        assert len(store.list_runs()) == 2
+        assert next_request.tags["git_sha"] == newer
+        assert store_listing(store) == ["runs"]
+
+
+def test_the_requested_run_creates_its_record_when_it_starts(repo, tmp_path):
+    """The request's first step makes meta.json from the request's tags, pinned to the commit."""
+    store = LocalRunStore(tmp_path / "store")
+    sha = commit(repo, "one")
+    with instance_for_test() as instance:
+        (request,) = tick(build_git_sensor(repo, "main", "tiny"), instance, store).run_requests
+        run_id = request.partition_key
+        instance.add_dynamic_partitions(RUN_IDS, [run_id])
+        run_config = request.run_config
+        run_config["resources"]["code"] = {"config": {"sha": sha}}  # the steps run the commit's code
+        result = defs.resolve_job_def(RELEASE_JOB).execute_in_process(
+            partition_key=run_id, instance=instance, tags=request.tags, run_config=run_config,
+            op_selection=["policy_data_db"],
+        )
+        assert result.success
+    meta = store.read_meta(run_id)
+    assert (meta.sha, meta.branch, meta.dirty, meta.orchestrator) == (sha, "main", False, None)
+    assert meta.created_at == parse_run_id(run_id).started_at
+    assert meta.config == config_for_scale("tiny").model_dump(mode="json")
+    assert meta.step_timings["policy_data_db"].status == "succeeded"
 
 
 def test_the_request_resolves_against_the_release_job(repo, tmp_path):
@@ -111,7 +145,7 @@ def test_unreadable_repository_is_a_skip_not_a_crash(tmp_path):
     with instance_for_test() as instance:
         result = tick(build_git_sensor(missing, "main", "tiny"), instance, store)
     assert isinstance(result, SkipReason) and str(missing) in result.skip_message
-    assert store.list_runs() == []
+    assert not store.root.exists()
 
 
 def test_unknown_scale_is_refused_when_the_sensor_is_built(repo):
