@@ -34,6 +34,7 @@ LOCATION = "pipeline_assets"
 SERVER_START_TIMEOUT_S = 180
 UI_TIMEOUT_MS = 30_000  # one page action: the code server answers slowly on a loaded machine
 RUN_TIMEOUT_S = 420
+CONFIG_CHECK_TIMEOUT_MS = 10_000
 MAX_CONCURRENT_RUNS = 3
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 
@@ -250,8 +251,8 @@ class Ui:
         self.open(f"/assets?asset-selection={quote(selection, safe='')}")
         for key in keys:
             self.page.get_by_text(key.replace("/", " / "), exact=True).first.wait_for()
-        self.page.get_by_role("checkbox").first.check(force=True)  # the header's: every row shown
-        self.page.get_by_role("button", name=re.compile(r"^Materialize selected")).click()
+        self.page.locator("label").filter(has=self.page.get_by_role("checkbox")).first.click()  # the header's: every row
+        self.page.get_by_role("button", name=re.compile(r"Materialize selected")).click()  # "… (3)…", after its icon's name
         return self.launch_from_dialog(partition)
 
     def choose_launchpad_partition(self, partition: str) -> None:
@@ -285,10 +286,33 @@ class Ui:
         self.page.keyboard.press("Control+A")
         self.page.keyboard.press("Delete")
         self.page.keyboard.insert_text(config_yaml)  # no key events: the editor does not re-indent it
-        launchpad.get_by_text("No errors").wait_for()
+        self.expect_valid_config(launchpad)
         launchpad.get_by_role("button", name=re.compile(r"\bMaterialize$")).click()  # after its icon's name
         self.page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
         return self.page.url.split("/runs/")[-1].split("?")[0].rstrip("/")
+
+    def expect_valid_config(self, launchpad) -> None:
+        """The launchpad's own validation: "No errors", else its error list as the failure."""
+        try:
+            launchpad.get_by_text("No errors").wait_for(timeout=CONFIG_CHECK_TIMEOUT_MS)
+        except PlaywrightTimeoutError:
+            panel = launchpad.inner_text()
+            errors = panel[panel.find("ERRORS"):panel.find("CONFIG ACTIONS")].strip()
+            raise AssertionError(f"the launchpad refuses the config: {errors or panel[-800:]}") from None
+
+    def shown_names(self, wanted: list[str], others: list[str], timeout_s: float = UI_TIMEOUT_MS / 1000) -> set[str]:
+        """Which of `wanted` + `others` the page shows as whole names, once all of `wanted` do (or at
+        the timeout, for the assertion to name what is missing)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            shown = whole_words(self.text(), wanted + others)
+            if set(wanted) <= shown or time.monotonic() > deadline:
+                return shown
+            time.sleep(1)
+
+    def click_nav(self, role: str, name: str) -> None:
+        """A link, tab or button by its visible name (after any icon's name, which Dagster's include)."""
+        self.page.get_by_role(role, name=re.compile(rf"(^|\s){re.escape(name)}$")).first.click()
 
     # ------------------------------------------------------------------ runs
 
