@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ from tests.ui_browser import (
     asset_path,
     chromium,
     dagster_ui,
-    graphql,
     write_instance_settings,
 )
 
@@ -71,8 +71,10 @@ def released(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ui(released):
-    """One webserver, daemon and browser page for the whole module."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    """One webserver, daemon and browser page for the whole module; tests/artifacts/ui/ holds this
+    session's evidence only."""
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
     with dagster_ui(released["env"], released["root"]) as base, chromium() as browser:
         page = Ui(browser, base, ARTIFACTS)
         try:
