@@ -1,189 +1,41 @@
-"""The Dagster UI in a real browser: a webserver on 127.0.0.1 over an instance holding one release run,
-headless Chromium on the asset graph and on one area asset's page, screenshots in tests/artifacts/."""
+"""Issue 18's acceptance in a real browser: the Dagster UI (webserver and daemon on 127.0.0.1) over an
+instance holding one tiny release made with the CLI; every stage asset, three areas and promotion
+materialized by clicking through the UI for that run's partition; an area's lineage; the release
+job's runs; a sensor preview; a refused promotion. Screenshots in tests/artifacts/ui/."""
 
 from __future__ import annotations
 
-import html
-import json
 import os
-import platform
 import re
-import signal
-import socket
+import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-from pipeline_assets.launch import instance_settings, launch_release
-from pipeline_assets.steps.config import config_for_scale
-from resources.git import CodeState
-from resources.run_store import LocalRunStore
-from tests.conftest import PINNED_SHA
-
-CHROMIUM = Path("/usr/bin/chromium")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-WORKSPACE = PROJECT_ROOT / "workspace.yaml"
-ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
-LOCATION = "pipeline_assets"
+from tests.ui_browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    PROJECT_ROOT,
+    Ui,
+    asset_path,
+    chromium,
+    dagster_ui,
+    write_instance_settings,
+)
 
 STAGE_ASSETS = ["policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights",
-                "run_diagnostics"]
-AREA_KEY = AssetKey(["districts", "AL_01"])
-ENV_KEYS = ["runtime_environment", "python_version", "compute_pool", "cloud_region", "hostname"]
-
-SERVER_START_TIMEOUT_S = 120
-CHROMIUM_TIMEOUT_S = 90
-# Virtual time: Chromium fast-forwards timers and waits for pending fetches, so a budget renders the
-# React app deterministically; a second, longer try covers a slow first paint.
-VIRTUAL_TIME_BUDGETS_MS = (15_000, 45_000)
-
-# No "join the community" modal over the pages, and no telemetry from a test.
+                "national_h5", "run_diagnostics", "staged_release"]
+AREAS = ["districts/AL_01", "states/AK", "cities/NYC"]
+AREA_INPUTS = ["source_datasets", "calibration_package", "state_weights"]
+NOT_AREA_INPUTS = ["policy_data_db", "national_weights", "national_h5"]
+RELEASE_VERSION = "1.0.0"
+CLI_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)"
 )
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-class _Text(HTMLParser):
-    """Visible text of a DOM dump: no scripts or styles, whitespace collapsed."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style", "noscript"):
-            self._skip += 1
-
-    def handle_endtag(self, tag):
-        if tag in ("script", "style", "noscript") and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data):
-        if not self._skip:
-            self.parts.append(data)
-
-
-def visible_text(dom: str) -> str:
-    parser = _Text()
-    parser.feed(dom)
-    return " ".join(html.unescape(" ".join(parser.parts)).split())
-
-
-def snippet(text: str, limit: int = 2500) -> str:
-    return text if len(text) <= limit else text[:limit] + f" ... [{len(text) - limit} more chars]"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """Terminate the process we started, then kill what is left of its session (the code server)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def graphql(base: str, query: str) -> dict:
-    request = urllib.request.Request(
-        f"{base}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
-LOCATION_QUERY = """{ workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
-  locationOrLoadError { __typename ... on PythonError { message stack } } } } } }"""
-
-
-def wait_until_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
-    """server_info answers first; the code location loads after, so wait for it too (bounded)."""
-
-    def log_tail() -> str:
-        return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
-
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"dagster-webserver exited with {proc.returncode} before serving; log tail:\n{log_tail()}")
-        try:
-            urllib.request.urlopen(f"{base}/server_info", timeout=5).read()
-            entries = graphql(base, LOCATION_QUERY)["data"]["workspaceOrError"]["locationEntries"]
-            entry = next(e for e in entries if e["name"] == LOCATION)
-            loaded = entry["locationOrLoadError"] or {}
-            if loaded.get("__typename") == "PythonError":
-                pytest.fail(f"code location {LOCATION} failed to load in the webserver: {loaded['message']}\n"
-                            f"{''.join(loaded.get('stack') or [])[-3000:]}")
-            if entry["loadStatus"] == "LOADED" and loaded.get("__typename") == "RepositoryLocation":
-                return
-            last = f"location {entry['loadStatus']}"
-        except (urllib.error.URLError, ConnectionError, OSError, KeyError, StopIteration, ValueError) as error:
-            last = repr(error)
-        time.sleep(1)
-    pytest.fail(f"dagster-webserver not ready at {base} within {SERVER_START_TIMEOUT_S}s ({last}); "
-                f"log tail:\n{log_tail()}")
-
-
-def render(url: str, screenshot: Path, profile_root: Path, expected: list[str]) -> str:
-    """Headless Chromium: the rendered DOM's visible text, with a screenshot of the same page load.
-
-    Tries again with a longer virtual time budget when an expected string is missing."""
-    text = ""
-    for attempt, budget in enumerate(VIRTUAL_TIME_BUDGETS_MS):
-        profile = profile_root / f"chromium-profile-{screenshot.stem}-{attempt}"
-        profile.mkdir(parents=True, exist_ok=True)
-        screenshot.unlink(missing_ok=True)
-        command = [
-            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-            f"--virtual-time-budget={budget}", "--window-size=2600,1300", "--hide-scrollbars",
-            f"--screenshot={screenshot}", "--dump-dom", url,
-        ]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            dom, err = proc.communicate(timeout=CHROMIUM_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            stop_process_group(proc, grace_s=2)
-            pytest.fail(f"chromium did not finish {url} within {CHROMIUM_TIMEOUT_S}s")
-        finally:
-            stop_process_group(proc, grace_s=2)  # renderer/GPU helpers left behind, if any
-        if proc.returncode != 0 or not dom.strip():
-            pytest.fail(f"chromium failed on {url} (exit {proc.returncode}); stderr tail:\n{err[-2000:]}")
-        screenshot.with_suffix(".html").write_text(dom)
-        text = visible_text(dom)
-        if all(needle in text for needle in expected):
-            break
-    assert screenshot.is_file() and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (
-        f"no screenshot of {url} at {screenshot}")
-    return text
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -191,88 +43,161 @@ def render(url: str, screenshot: Path, profile_root: Path, expected: list[str]) 
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    """A persistent on-disk Dagster instance holding one tiny release run: (env, run_id, AL_01 metadata)."""
+    """One tiny release made by `usdata-pipeline run` over a fresh instance and store: (env, root, run_id)."""
     root = tmp_path_factory.mktemp("ui")
     home = root / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_bytes(instance_settings(home) + b"nux:\n  enabled: false\n")  # as users get it
-    store = LocalRunStore(root / "store")
-    env = {"DAGSTER_HOME": str(home), "PIPELINE_STORE": str(store.root), "PIPELINE_CODE_SHA": PINNED_SHA}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)  # launch_release exports PIPELINE_STORE; the undo restores it
-        code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
-        with DagsterInstance.get() as instance:
-            outcome = launch_release(store, instance, config_for_scale("tiny"), code, running_sha=PINNED_SHA)
-            assert outcome.success and not outcome.failed_checks, (
-                f"the release run failed: {outcome.meta.error} {outcome.failed_checks}")
-            run_id = outcome.meta.run_id
-            records = instance.fetch_materializations(
-                AssetRecordsFilter(asset_key=AREA_KEY, asset_partitions=[run_id]), limit=1).records
-            assert records, f"{AREA_KEY.to_user_string()} has no materialization for {run_id}"
-            area_metadata = records[0].asset_materialization.metadata
-    return {"env": env, "root": root, "run_id": run_id, "area_metadata": area_metadata}
+    write_instance_settings(home)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    env = {
+        "DAGSTER_HOME": str(home),
+        "PIPELINE_STORE": str(root / "store"),
+        "PIPELINE_CODE_SHA": sha,
+        # The sensor watches this checkout's HEAD, so its preview always sees a commit it has not run.
+        "PIPELINE_WATCH_REPO": str(PROJECT_ROOT),
+        "PIPELINE_WATCH_BRANCH": "HEAD",
+        "PIPELINE_WATCH_SCALE": "tiny",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    cli = subprocess.run([sys.executable, "-m", "pipeline_assets.cli", "run", "--scale", "tiny"], cwd=PROJECT_ROOT,
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    (root / "cli.log").write_text(cli.stdout + cli.stderr)
+    assert cli.returncode == 0, f"usdata-pipeline run failed ({cli.returncode}):\n{(cli.stdout + cli.stderr)[-3000:]}"
+    run_id = re.search(r"^run_id\s+(\S+)", cli.stdout, re.MULTILINE)
+    assert run_id, f"no run_id in the CLI's summary:\n{cli.stdout[-2000:]}"
+    return {"env": env, "root": root, "run_id": run_id.group(1)}
 
 
 @pytest.fixture(scope="module")
-def webserver(released):
-    """dagster-webserver on a free 127.0.0.1 port over that instance; killed by its PID afterwards."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = released["root"] / "webserver.log"
-    executable = Path(sys.executable).parent / "dagster-webserver"  # the venv's, next to its python
-    assert executable.is_file(), f"{executable} is missing: install the project (make venv)"
-    command = [str(executable), "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(port)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **released["env"]},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_ready(base, proc, log)
-        yield base
-    finally:
-        stop_process_group(proc)
+def ui(released):
+    """One webserver, daemon and browser page for the whole module; tests/artifacts/ui/ holds this
+    session's evidence only."""
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    with dagster_ui(released["env"], released["root"]) as base, chromium() as browser:
+        page = Ui(browser, base, ARTIFACTS)
+        try:
+            yield page
+        finally:
+            page.close()
 
 
 @pytest.fixture(scope="module")
-def artifacts():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    return ARTIFACTS
+def launches(ui, released):
+    """Every stage asset from its own page, and the three areas as one selection, launched for the
+    release's partition before any is waited for (the daemon runs them side by side): target -> the
+    Dagster run id, or the error that kept it from launching."""
+    run_id = released["run_id"]
+    targets = {asset: (lambda asset=asset: ui.materialize_asset(asset, run_id)) for asset in STAGE_ASSETS}
+    targets["areas"] = lambda: ui.materialize_selection(AREAS, run_id)
+    launched: dict[str, str | AssertionError] = {}
+    for target, launch in targets.items():
+        try:
+            with ui.step(f"launch_{target}"):
+                launched[target] = launch()
+        except AssertionError as error:
+            launched[target] = error
+    return launched
+
+
+def launched_run(launches: dict, target: str) -> str:
+    outcome = launches[target]
+    if isinstance(outcome, AssertionError):
+        raise outcome
+    return outcome
+
+
+def assert_run_succeeded(ui: Ui, dagster_run_id: str, name: str) -> None:
+    status = ui.wait_for_run(dagster_run_id)
+    with ui.step(f"{name}_run"):
+        text = ui.open_run(dagster_run_id)
+        assert status == "SUCCESS", f"run {dagster_run_id} ended {status}; its page: {text[:1500]}"
+        assert "Success" in text, f"run {dagster_run_id}'s page does not show Success"
+
+
+def assert_materialization_shows(ui: Ui, asset: str, run_id: str, dagster_run_id: str, name: str) -> None:
+    with ui.step(name):
+        ui.open(f"{asset_path(asset)}?view=events")
+        line = f"Partition {run_id} materialized in run {dagster_run_id[:8]}"
+        ui.page.get_by_text(line).first.wait_for()
 
 
 # ------------------------------------------------------------------------------------------------ tests
 
 
-def test_asset_graph_shows_the_stage_assets(webserver, released, artifacts):
-    selection = quote('group:"release"', safe="")
-    url = f"{webserver}/asset-groups~{selection}/"  # the global lineage graph, filtered to the release group
-    text = render(url, artifacts / "asset_graph.png", released["root"], [f"{a} Latest event" for a in STAGE_ASSETS])
-    for asset in STAGE_ASSETS:
-        # A node card reads "<name> Latest event ... Partitions 100% filled ... 1 partition".
-        card = re.search(rf"\b{asset} Latest event (.{{0,200}}?)1 partition", text)
-        assert card, f"no graph node for {asset} at {url}; DOM text: {snippet(text)}"
-        assert "100% filled" in card.group(1), f"{asset}'s node is not materialized: {card.group(0)!r}"
-
-
-def test_area_page_lists_the_run_partition_and_its_environment(webserver, released, artifacts):
+def test_cli_launched_run_appears_under_jobs_release(ui, released):
     run_id = released["run_id"]
-    metadata = released["area_metadata"]
-    url = f"{webserver}/assets/{'/'.join(AREA_KEY.path)}?view=partitions&partition={quote(run_id, safe='')}"
-    text = render(url, artifacts / "area_asset.png", released["root"], [run_id, "runtime_environment", "hostname"])
-    where = f"at {url}; DOM text: {snippet(text)}"
+    with ui.step("jobs_release_runs"):
+        ui.open("/assets")
+        ui.click_nav("link", "Jobs")
+        ui.click_nav("link", "release")
+        ui.click_nav("tab", "Runs")
+        ui.page.wait_for_url(re.compile(r"/jobs/release/runs"))
+        # Runs launched from the UI are the asset job's; a release-job run of this partition is the CLI's.
+        ui.page.get_by_text(f"partition: {run_id}").first.wait_for()
 
-    assert "Materialized (1)" in text, f"the partitions list does not show one materialized partition {where}"
-    assert text.count(run_id) >= 3, f"run_id {run_id} missing from the partition list/header/metadata {where}"
-    assert f"run_id {run_id}" in text and f"git_sha {PINNED_SHA}" in text, f"run metadata missing {where}"
-    for key in ENV_KEYS:
-        assert key in text, f"environment metadata key {key!r} missing {where}"
 
-    # What the UI shows is what the run recorded, and what it recorded is this machine.
-    python_version = metadata["python_version"].value
-    hostname = metadata["hostname"].value
-    assert python_version == platform.python_version() and hostname == socket.gethostname()
-    for key in ("python_version", "compute_pool", "cloud_region", "hostname"):
-        value = metadata[key].value
-        assert f"{key} {value}" in text, f"{key} = {value!r} not shown {where}"
-    env = metadata["runtime_environment"].value
-    for key in ("python_version", "hostname", "compute_pool", "architecture"):
-        assert f'"{key}": "{env[key]}"' in text, f"runtime_environment JSON lacks {key} = {env[key]!r} {where}"
+@pytest.mark.parametrize("asset", STAGE_ASSETS)
+def test_stage_asset_materializes_from_its_page(ui, released, launches, asset):
+    dagster_run_id = launched_run(launches, asset)
+    assert_run_succeeded(ui, dagster_run_id, asset)
+    assert_materialization_shows(ui, asset, released["run_id"], dagster_run_id, f"{asset}_materialized")
+
+
+def test_three_areas_materialize_as_one_selection(ui, released, launches):
+    dagster_run_id = launched_run(launches, "areas")
+    assert_run_succeeded(ui, dagster_run_id, "areas")
+    for area in AREAS:
+        assert_materialization_shows(ui, area, released["run_id"], dagster_run_id,
+                                     f"{area.replace('/', '_')}_materialized")
+
+
+@pytest.mark.parametrize("direction, expected, absent", [
+    ("Upstream", AREA_INPUTS, NOT_AREA_INPUTS),
+    ("Downstream", ["staged_release"], AREA_INPUTS),
+])
+def test_area_lineage_shows_its_inputs_and_staged_release_downstream(ui, direction, expected, absent):
+    with ui.step(f"area_lineage_{direction.lower()}"):
+        ui.open(f"{asset_path(AREAS[0])}?view=lineage")
+        ui.click_nav("button", direction)
+        ui.page.get_by_text(AREAS[0].split("/")[-1], exact=True).first.wait_for()
+        shown = ui.shown_names(expected, absent)
+        assert set(expected) <= shown, f"{direction} of {AREAS[0]} lacks {sorted(set(expected) - shown)}"
+        assert not shown & set(absent), f"{direction} of {AREAS[0]} wrongly shows {sorted(shown & set(absent))}"
+
+
+def test_promotion_from_the_ui_then_a_duplicate_version_is_refused(ui, released):
+    """promotion is partitioned by release version (config: run_id, allow_dirty): promoting the run
+    as 1.0.0 succeeds and shows; promoting as 1.0.0 again is refused, its run page saying why in one line."""
+    run_id = released["run_id"]
+    # allow_dirty: a run made from a developer's work tree is dirty; CI's is clean either way.
+    config = f"ops:\n  promotion:\n    config:\n      run_id: {run_id}\n      allow_dirty: true\n"
+    with ui.step("promotion_launch"):
+        first = ui.launch_from_launchpad("promotion", RELEASE_VERSION, config)
+    assert_run_succeeded(ui, first, "promotion_first")
+    assert_materialization_shows(ui, "promotion", RELEASE_VERSION, first, "promotion_materialized")
+
+    with ui.step("promotion_launch_again"):
+        again = ui.launch_from_launchpad("promotion", RELEASE_VERSION, config)
+    status = ui.wait_for_run(again)
+    with ui.step("promotion_refused_run"):
+        text = ui.open_run(again)
+        assert status == "FAILURE", f"promoting {RELEASE_VERSION} twice ended {status}"
+        reasons = [line for line in text.splitlines() if RELEASE_VERSION in line and "already" in line]
+        assert reasons, f"the refused promotion's run page shows no reason naming {RELEASE_VERSION}"
+
+
+def test_preview_tick_writes_nothing_under_the_store(ui, released):
+    store = Path(released["env"]["PIPELINE_STORE"])
+    before = {path: path.stat().st_mtime_ns for path in store.rglob("*")}
+    with ui.step("sensor_preview"):
+        ui.open("/locations/pipeline_assets/sensors/git_commit_sensor")
+        ui.page.get_by_role("button", name="Preview tick result").click()
+        dialog = ui.page.get_by_role("dialog")
+        dialog.get_by_role("button", name="Continue").click()
+        dialog.get_by_text("Requested runs (1)").wait_for()
+    after = {path: path.stat().st_mtime_ns for path in store.rglob("*")}
+    added = sorted(str(p.relative_to(store)) for p in after.keys() - before.keys())
+    changed = sorted(str(p.relative_to(store)) for p in before.keys() & after.keys() if before[p] != after[p])
+    assert not added and not changed, f"the preview tick wrote under the store: added {added[:5]}, changed {changed[:5]}"
