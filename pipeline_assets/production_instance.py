@@ -18,12 +18,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline_assets.jobs import JOB_TAG, RELEASE_JOB
 from resources.files import write_bytes_atomic
 
 PASSWORD_VARIABLE = "DAGSTER_PG_PASSWORD"
-# The tag that marks a release run: the release job carries it, the run queue limits on it.
-RELEASE_TAG_KEY = "usdata/job"
-RELEASE_TAG_VALUE = "release"
 
 
 class ProductionInstance(BaseModel):
@@ -66,7 +64,7 @@ class ProductionInstance(BaseModel):
                 "class": "QueuedRunCoordinator",
                 "config": {
                     "max_concurrent_runs": self.max_concurrent_runs,
-                    "tag_concurrency_limits": [{"key": RELEASE_TAG_KEY, "value": RELEASE_TAG_VALUE, "limit": self.release_runs}],
+                    "tag_concurrency_limits": [{"key": JOB_TAG, "value": RELEASE_JOB, "limit": self.release_runs}],
                 },
             },
         }

@@ -25,15 +25,15 @@ def test_bench_writes_its_result(bench_module, name, tmp_path, monkeypatch):
         assert result["step_seconds"]["state_weights"] > 0 and result["fit_step_vs_direct_l0"]["ratio"] > 0
 
 
-def test_orchestration_bench_times_both_paths_on_postgres(tmp_path, monkeypatch):
-    """On the production instance's storage (a throwaway server the bench starts); the SQLite home
-    differs only in its settings."""
+def test_orchestration_bench_times_both_paths(tmp_path, monkeypatch):
+    """On the embedded SQLite (the Postgres home differs only in its storage block, and Postgres
+    runs are tested in test_production_instance.py)."""
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))  # the bench points it at its own homes
-    orchestration.main(["--scale", "tiny", "--repeats", "1", "--storage", "postgres"])
+    orchestration.main(["--scale", "tiny", "--repeats", "1", "--storage", "sqlite"])
     result = json.loads((tmp_path / "orchestration_tiny.json").read_text())
-    assert list(result["storages"]) == ["postgres"]
-    postgres = result["storages"]["postgres"]
-    assert result["bare_driver_wall_s"]["median"] > 0 and postgres["dagster_wall_s"]["median"] > 0
-    assert postgres["ratio_dagster_over_driver"] == postgres["dagster_wall_s"]["median"] / result["bare_driver_wall_s"]["median"]
-    assert "local_areas" in postgres["per_step_overhead_s"] and 0 < postgres["run_start_s"] < postgres["dagster_wall_s"]["median"]
+    assert list(result["storages"]) == ["sqlite"]
+    sqlite = result["storages"]["sqlite"]
+    assert result["bare_driver_wall_s"]["median"] > 0 and sqlite["dagster_wall_s"]["median"] > 0
+    assert sqlite["ratio_dagster_over_driver"] == sqlite["dagster_wall_s"]["median"] / result["bare_driver_wall_s"]["median"]
+    assert "local_areas" in sqlite["per_step_overhead_s"] and 0 < sqlite["run_start_s"] < sqlite["dagster_wall_s"]["median"]

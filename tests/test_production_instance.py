@@ -24,7 +24,8 @@ from pipeline_assets.identity import SOURCE_ROOT, running_code_sha
 from pipeline_assets.jobs import RELEASE_JOB, release_job
 from pipeline_assets.launch import job_run_config
 from pipeline_assets.partitions import RUN_IDS
-from pipeline_assets.production_instance import PASSWORD_VARIABLE, RELEASE_TAG_KEY, RELEASE_TAG_VALUE, ProductionInstance
+from pipeline_assets.jobs import JOB_TAG, RELEASE_JOB
+from pipeline_assets.production_instance import PASSWORD_VARIABLE, ProductionInstance
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
@@ -52,7 +53,7 @@ def test_the_settings_name_postgres_and_the_queue_and_hold_no_password():
     coordinator = document["run_coordinator"]
     assert (coordinator["module"], coordinator["class"]) == ("dagster", "QueuedRunCoordinator")
     assert coordinator["config"] == {"max_concurrent_runs": 4, "tag_concurrency_limits": [
-        {"key": RELEASE_TAG_KEY, "value": RELEASE_TAG_VALUE, "limit": 2}]}
+        {"key": JOB_TAG, "value": RELEASE_JOB, "limit": 2}]}
     assert document["telemetry"] == {"enabled": False} and "run_launcher" not in document
 
 
@@ -168,8 +169,8 @@ def wait_for_release_runs(instance, count: int, daemon: subprocess.Popen, log: P
 def test_sensor_launchpad_and_cli_releases_at_once_queue_within_the_release_limit(postgres_database, tmp_path, monkeypatch):
     """Three release runs submitted at once, by the git sensor, `dagster job launch` (the UI's
     launchpad) and `usdata-pipeline run`: all complete, each through the queue, one at a time."""
-    assert release_job.tags.get(RELEASE_TAG_KEY) == RELEASE_TAG_VALUE, \
-        f"the release job must tag its runs {RELEASE_TAG_KEY}={RELEASE_TAG_VALUE}: the queue limits release runs by it"
+    assert release_job.tags.get(JOB_TAG) == RELEASE_JOB, \
+        f"the release job must tag its runs {JOB_TAG}={RELEASE_JOB}: the queue limits release runs by it"
     store = LocalRunStore(tmp_path / "store")
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -187,7 +188,7 @@ def test_sensor_launchpad_and_cli_releases_at_once_queue_within_the_release_limi
         assert [r.dagster_run.status for r in records] == [DagsterRunStatus.SUCCESS] * 3, \
             [r.dagster_run.run_id for r in records]
         assert [r.dagster_run.tags.get("dagster/sensor_name") for r in records].count("git_commit_sensor") == 1
-        assert all(r.dagster_run.tags[RELEASE_TAG_KEY] == RELEASE_TAG_VALUE for r in records)
+        assert all(r.dagster_run.tags[JOB_TAG] == RELEASE_JOB for r in records)
         assert most_started_at_once(records) <= RELEASE_LIMIT
         for record in records:  # each went through the queue
             assert instance.all_logs(record.dagster_run.run_id, of_type=DagsterEventType.RUN_ENQUEUED)

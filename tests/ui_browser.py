@@ -46,14 +46,13 @@ def free_port() -> int:
 
 
 def write_instance_settings(home: Path) -> None:
-    """The settings users get (instance_settings), with no "join the community" modal over the pages,
-    telemetry off and, under Dagster's default queued coordinator, at most MAX_CONCURRENT_RUNS runs
-    at once (each is a process importing the fit's libraries)."""
-    settings = yaml.safe_load(instance_settings(home)) or {}
+    """The settings users get (instance_settings), with no "join the community" modal over the pages
+    and runs queued for the test's daemon, at most MAX_CONCURRENT_RUNS at once (each is a process
+    importing the fit's libraries, on a machine of few cores)."""
+    settings = yaml.safe_load(instance_settings()) or {}
     settings["nux"] = {"enabled": False}
-    settings["telemetry"] = {"enabled": False}
-    if "run_coordinator" not in settings:
-        settings["run_queue"] = {"max_concurrent_runs": MAX_CONCURRENT_RUNS}
+    settings["run_coordinator"] = {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator",
+                                   "config": {"max_concurrent_runs": MAX_CONCURRENT_RUNS}}
     (home / "dagster.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
