@@ -291,14 +291,19 @@ def queue_unserved(instance: DagsterInstance) -> bool:
     return heartbeat is None or heartbeat.timestamp < time.time() - DAEMON_HEARTBEAT_SECONDS
 
 
-def wait_for_run(instance: DagsterInstance, submission: Submission) -> DagsterRun:
+def wait_for_run(instance: DagsterInstance, submission: Submission,
+                 driver_died: Callable[[], str | None] = lambda: None) -> DagsterRun:
     """Poll the instance until the run has finished (through QUEUED while a daemon dequeues). A run
     the launching process left unlaunched, or queued with no daemon to dequeue it, is marked failed:
-    LaunchNeverStarted, naming why."""
+    LaunchNeverStarted, naming why. A run whose worker died (`driver_died` says how) is marked failed
+    and returned: no process will ever finish it."""
     launcher = submission.launcher
     while True:
         launching = launcher.poll() is None  # asked first: the run read next is at least as new
         run = instance.get_run_by_id(submission.dagster_run_id)
+        if run is not None and not run.is_finished and (died := driver_died()):
+            instance.report_run_failed(run, message=died)
+            run = instance.get_run_by_id(submission.dagster_run_id)
         if run is not None and run.is_finished:
             launcher.wait()
             submission.output.close()
@@ -322,6 +327,15 @@ def wait_for_run(instance: DagsterInstance, submission: Submission) -> DagsterRu
         time.sleep(POLL_SECONDS)
 
 
+def orchestrator_death(store: LocalRunStore, run_id: str) -> str | None:
+    """How the run's orchestrator (its Dagster run worker) died, once it has: the run is then settled
+    failed under the step that was running."""
+    if not store.read_meta(run_id).orphaned():
+        return None
+    meta = settle_if_orphaned(store, run_id)
+    return meta.error.message if meta.error else f"the orchestrator of run {run_id} died"
+
+
 def _launch(store, instance, run_id, run_config, tags, report, ledger, op_selection: list[str] | None = None) -> LaunchOutcome:
     """Submit the release job for `run_id`, report its steps while it runs, and settle the run from
     what it recorded: the first step failure (a killed step process included) under that step, else
@@ -338,7 +352,7 @@ def _launch(store, instance, run_id, run_config, tags, report, ledger, op_select
                        ledger=ledger)
             raise
         try:
-            run = wait_for_run(instance, submission)
+            run = wait_for_run(instance, submission, lambda: orchestrator_death(store, run_id))
         except LaunchNeverStarted as exc:
             meta = settle_run(store, run_id, False, [], error=RunError(step="run", message=str(exc)), ledger=ledger)
             return LaunchOutcome(meta, False, submission.dagster_run_id, [], [])

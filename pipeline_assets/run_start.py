@@ -17,7 +17,7 @@ from pipeline_assets.identity_contract import config_hash
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
 from resources.git import CodeState
-from resources.run_store import LocalRunStore, RunExists, RunMeta
+from resources.run_store import LocalRunStore, Orchestrator, RunExists, RunMeta, RunStatus
 
 PARTITION_TAG = "dagster/partition"
 RUN_ID_TAG = "run_id"
@@ -94,6 +94,21 @@ def _created_from_request(context: AssetExecutionContext, store: LocalRunStore, 
     return meta
 
 
+def _record_orchestrator(store: LocalRunStore, meta: RunMeta) -> RunMeta:
+    """A running run's orchestrator is the Dagster run worker executing this step, so that a worker
+    that dies is told apart from one still running by the next command (a resume's new worker
+    replaces the last)."""
+    worker = Orchestrator.of_this_step()
+    if meta.status is not RunStatus.running or meta.orchestrator == worker:
+        return meta
+
+    def record(m: RunMeta) -> None:
+        if m.status is RunStatus.running:
+            m.orchestrator = worker
+
+    return store.update_meta(meta.run_id, record)
+
+
 def open_run(context: AssetExecutionContext, store: LocalRunStore) -> RunMeta:
     """The run record of the step's partition, checked before the step writes anything: a malformed
     run_id, or a run with no record and no start request, fails the step in one line (writing
@@ -106,6 +121,7 @@ def open_run(context: AssetExecutionContext, store: LocalRunStore) -> RunMeta:
         _refuse(context, str(exc))
     meta = (store.read_meta(run_id) if store.exists(store.meta_key(run_id))
             else _created_from_request(context, store, run_id))
+    meta = _record_orchestrator(store, meta)
     identity = run_tags(meta)
     present = context.run.tags
     clashing = [f"{name}={present[name]!r} (meta.json: {value!r})" for name, value in identity.items()

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -150,8 +151,19 @@ class Orchestrator(BaseModel):
     start_ticks: int | None = None  # process_start_ticks(pid) when the run started or resumed
 
     @classmethod
+    def of(cls, pid: int) -> "Orchestrator":
+        return cls(host=socket.gethostname(), pid=pid, start_ticks=process_start_ticks(pid))
+
+    @classmethod
     def current(cls) -> "Orchestrator":
-        return cls(host=socket.gethostname(), pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()))
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of_this_step(cls) -> "Orchestrator":
+        """The process that started this step process and drives its run (a Dagster run worker:
+        multiprocessing's parent, under forkserver too), else this process itself (in-process runs)."""
+        parent = multiprocessing.parent_process()
+        return cls.of(parent.pid if parent is not None else os.getpid())
 
     def is_gone(self) -> bool:
         """True only when it certainly died: on this host, and its pid is free or now another process's."""

@@ -168,22 +168,28 @@ def pool_workers(store: Path, step_process: Proc) -> list[Proc]:
     return [p for p in processes_of(store) if p.ppid == step_process.pid and p.name == step_process.name]
 
 
-def kill(pipeline: Pipeline, proc: subprocess.Popen, kind: str, step: str) -> None:
-    """SIGKILL the orchestrator, the step's process or one of its pool workers while `step` runs,
-    then wait for the orchestrator to end (killed, or failing the run on its own)."""
+def kill(pipeline: Pipeline, proc: subprocess.Popen, kind: str, step: str) -> int:
+    """SIGKILL the orchestrator (the Dagster run worker driving the run), the step's process or one
+    of its pool workers while `step` runs, then wait for the command to end with the run failed;
+    returns the pid killed."""
     step_process = wait_for_step(pipeline, proc, step)
     if kind == ORCHESTRATOR:
-        os.kill(proc.pid, signal.SIGKILL)
+        killed = pipeline.meta().orchestrator.pid
+        assert killed not in (proc.pid, step_process.pid), "the run worker drives the run, not the command or the step"
+        os.kill(killed, signal.SIGKILL)
     elif kind == STEP:
-        os.kill(step_process.pid, signal.SIGKILL)
+        killed = step_process.pid
+        os.kill(killed, signal.SIGKILL)
     else:
         deadline = time.monotonic() + 60
         while not (workers := pool_workers(pipeline.store, step_process)) and time.monotonic() < deadline:
             time.sleep(POLL_S)
         assert workers, f"{step} started no pool worker"
-        os.kill(workers[0].pid, signal.SIGKILL)
+        killed = workers[0].pid
+        os.kill(killed, signal.SIGKILL)
     code = proc.wait(timeout=120)
-    assert code == (-signal.SIGKILL if kind == ORCHESTRATOR else 1), pipeline.output()[-3000:]
+    assert code == 1, pipeline.output()[-3000:]
+    return killed
 
 
 # --- what must hold after a kill ------------------------------------------------------------------
@@ -241,8 +247,7 @@ def run_chain(pipeline: Pipeline, points: list[tuple[str, str]]) -> dict:
     try:
         for kind, step in points:
             try:
-                pid = proc.pid
-                kill(pipeline, proc, kind, step)
+                pid = kill(pipeline, proc, kind, step)
                 assert not (left := wait_no_process_left(pipeline.store)), f"processes left: {left}"
                 check_settled(pipeline, kind, step, pid)
                 assert not (bad := partial_files(pipeline.store, since=started)), f"partial files: {bad}"
