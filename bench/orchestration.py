@@ -54,10 +54,10 @@ def seconds_to_first_step(instance: DagsterInstance, dagster_run_id: str, launch
 
 def postgres_settings(home: Path, server: PostgresServer) -> bytes:
     """A new instance's settings with the production instance's storage, in a new database on
-    `server`: only the storage differs from the SQLite home (the runs are launched in this process,
-    not through a queue)."""
+    `server`, reached over its Unix socket as a server on the same host is: only the storage differs
+    from the SQLite home (the runs are launched at once, not through a queue)."""
     administer(server, 'CREATE DATABASE "dagster"')
-    production = ProductionInstance(hostname=server.host, port=server.port, db_name="dagster", username=server.username)
+    production = ProductionInstance(hostname=str(server.socket_dir), port=server.port, db_name="dagster", username=server.username)
     settings = yaml.safe_load(instance_settings()) | {"storage": yaml.safe_load(production.settings())["storage"]}
     return yaml.safe_dump(settings).encode()
 

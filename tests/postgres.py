@@ -1,6 +1,8 @@
 """A throwaway PostgreSQL server for the production-instance tests: Debian's `postgresql` binaries, a
 cluster under a temporary directory, listening on a free port of 127.0.0.1 and on a Unix socket in
-that directory only, with a generated password (scram-sha-256), stopped by its PID at the end.
+that directory only, with a generated password (scram-sha-256) over TCP and the socket's file
+permissions for local connections (trust, as a single-host deployment's peer authentication does
+without a system user per role), stopped by its PID at the end.
 
 initdb and postgres refuse to run as root (CI runs as root): there they run as `nobody`, through
 runuser, on a directory handed to that user. Where the server is not installed the fixtures skip
@@ -111,7 +113,8 @@ def throwaway_server() -> Iterator[PostgresServer]:
     port = free_port()
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
     try:
-        run_as_server_user([str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "scram-sha-256",
+        run_as_server_user([str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth-host=scram-sha-256",
+                            "--auth-local=trust",
                             f"--pwfile={root / 'password'}", "-E", "UTF8", "--no-sync"])
         (root / "password").unlink()
         run_as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"),
