@@ -5,7 +5,6 @@ release-run limit."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pipeline_assets.jobs import JOB_TAG, RELEASE_JOB, release_job
 from pipeline_assets.production_instance import PASSWORD_VARIABLE, ProductionInstance
 from resources.run_store import LocalRunStore
 from tests.postgres import PostgresDatabase
+from tests.processes import stop_process_group
 
 BIN = Path(sys.executable).parent
 RUNS_TIMEOUT_S = 600  # two tiny releases one after the other
@@ -116,13 +116,7 @@ def background(command: list[str], environment: dict, log: Path):
     try:
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process, grace_s=30)
 
 
 def dagster_cli(environment: dict, *args: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from pipeline_assets.launch import instance_settings
+from tests.processes import stop_process_group
 
 CHROMIUM = Path("/usr/bin/chromium")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -54,24 +54,6 @@ def write_instance_settings(home: Path) -> None:
     settings["run_coordinator"] = {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator",
                                    "config": {"max_concurrent_runs": MAX_CONCURRENT_RUNS}}
     (home / "dagster.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-
-
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """Terminate the process we started, by its PID, then kill what is left of its session (its code server)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def graphql(base: str, query: str, variables: dict | None = None) -> dict:
