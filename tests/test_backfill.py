@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance
 
-from pipeline_assets.launch import launch_release
+from pipeline_assets.launch import instance_settings, launch_release
 from pipeline_assets.reuse import StepRecord
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.tro import TRO_NAME, tro_revisions, verify_run
@@ -44,11 +44,13 @@ def check_evaluations(instance) -> dict[tuple[str, str], tuple[str | None, bool]
 def test_dagster_cli_rebuilds_a_stage_and_two_districts_of_a_completed_run(tmp_path, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
+    (home / "dagster.yaml").write_bytes(instance_settings())  # as usdata-pipeline makes a new home
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     store = LocalRunStore(tmp_path / "store")
     with DagsterInstance.get() as instance:
         outcome = launch_release(store, instance, config_for_scale("tiny"), CodeState(PINNED_SHA, "main", False, None),
                                  running_sha=PINNED_SHA)
+        assert outcome.success, outcome.meta.error
         run_id = outcome.meta.run_id
         before = {key: latest_timestamp(instance, key, run_id) for key in [STAGE, *DISTRICTS]}
         stage_before = latest(instance, STAGE, run_id).asset_materialization.metadata

@@ -23,7 +23,7 @@ from pipeline_assets.steps.config import config_for_scale
 from resources.compute import LocalPool
 from resources.git import CodeState
 from resources.lineage import ENVIRONMENT_FACET, LINEAGE_DIR, Lineage, LineageSettings, RuntimeEnvironmentRunFacet, StepRun
-from tests.conftest import PINNED_SHA
+from tests.conftest import PINNED_SHA, shipped_settings
 
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
 RUN_FACETS = {
@@ -125,7 +125,7 @@ def test_a_failing_step_reports_fail_with_its_error(store):
 
 def test_a_dagster_run_reports_every_step(store):
     store, _ = store
-    with instance_for_test() as instance:
+    with instance_for_test(overrides=shipped_settings()) as instance:
         outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA, lineage={"transport": "file"})
     assert outcome.success
     run_id = outcome.meta.run_id

@@ -184,8 +184,8 @@ def test_current_moves_only_up_or_to_a_rollback(store, monkeypatch, capsys, tmp_
 
 
 def test_a_refusal_inside_the_promotion_job_reaches_the_user_as_its_line(store, monkeypatch, capsys, tmp_path):
-    """The CLI's own check passes; the asset's check under the lock refuses (the run failed in
-    between, as nothing can while the lock is held): one line, exit 2, nothing registered."""
+    """The CLI's own check passes; the asset's check under the lock, in the run's own process,
+    refuses (the run failed in between): one line, exit 2, nothing registered."""
     from pipeline_assets import promotion
 
     store, run_id = store
@@ -203,5 +203,5 @@ def test_a_refusal_inside_the_promotion_job_reaches_the_user_as_its_line(store, 
     monkeypatch.setattr(promotion, "check_promotable", check_then_fail_the_run)
     assert main(["promote", run_id, "--version", "3.2.0"]) == 2
     err = capsys.readouterr().err
-    assert len(calls) == 2 and err == f"usdata-pipeline: error: run {run_id} is failed: only a completed run can be promoted\n"
+    assert len(calls) == 1 and err == f"usdata-pipeline: error: run {run_id} is failed: only a completed run can be promoted\n"
     assert LocalRegistry.in_store(store.root).read().versions == []

@@ -36,7 +36,7 @@ from tests.conftest import PINNED_SHA
 
 STEP_NAME_CHARS = 15
 POLL_S = 0.02
-HIT_TIMEOUT_S = 180
+HIT_TIMEOUT_S = 600  # staged_release waits for the area checks and reads 490 input versions
 ORCHESTRATOR, STEP, WORKER = "orchestrator", "step process", "pool worker"
 
 # (what is killed, the step running at the time), in the order each chain meets them. The two

@@ -45,14 +45,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_instance_settings(home: Path) -> None:
-    """The settings users get (instance_settings), with no "join the community" modal over the pages
-    and runs queued for the test's daemon, at most MAX_CONCURRENT_RUNS at once (each is a process
+def write_instance_settings(home: Path, queued: bool) -> None:
+    """The settings users get (instance_settings), with no "join the community" modal over the pages;
+    `queued`: runs wait for the test's daemon, at most MAX_CONCURRENT_RUNS at once (each is a process
     importing the fit's libraries, on a machine of few cores)."""
     settings = yaml.safe_load(instance_settings()) or {}
     settings["nux"] = {"enabled": False}
-    settings["run_coordinator"] = {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator",
-                                   "config": {"max_concurrent_runs": MAX_CONCURRENT_RUNS}}
+    if queued:
+        settings["run_coordinator"] = {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator",
+                                       "config": {"max_concurrent_runs": MAX_CONCURRENT_RUNS}}
     (home / "dagster.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
