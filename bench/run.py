@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from bench import fit_device, foundation, orchestration, provenance, scaleout
+from bench import fit_device, foundation, orchestration, provenance, scaleout, webserver_load
 
 
 def main() -> None:
@@ -13,6 +13,7 @@ def main() -> None:
     orchestration.main([])
     provenance.main([])
     scaleout.main([])
+    webserver_load.main([])
     if torch.cuda.is_available():
         workers = ["--workers", str(os.cpu_count())]
         fit_device.main(workers)
