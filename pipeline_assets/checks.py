@@ -34,6 +34,7 @@ from pipeline_assets.materialize import rounded
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import QualityConfig, RunConfig
+from resources.compute import mark_step_process
 from resources.files import sha256_file
 from resources.run_store import LocalRunStore
 
@@ -136,6 +137,7 @@ UPSTREAM_ASSETS = ("policy_data_db", "source_datasets", "calibration_package")
 )
 def upstream_hashes(context: AssetCheckExecutionContext):
     """One step for the three upstream artifacts (a Dagster step costs seconds here)."""
+    mark_step_process("upstream_hashes")  # a check's step process, too, exits with the run worker
     for name in UPSTREAM_ASSETS:
         if selected(context, name, "sha256_verified"):
             yield verify_hashes(context, AssetKey(name))
@@ -175,6 +177,7 @@ def quality_checks(name: str):
 
     @multi_asset_check(specs=specs, name=f"{name}_checks", required_resource_keys={"run_store"}, can_subset=True)
     def checks(context: AssetCheckExecutionContext):
+        mark_step_process(f"{name}_checks")  # a check's step process, too, exits with the run worker
         key = AssetKey(name)
         if selected(context, key, "sha256_verified"):
             yield verify_hashes(context, key)
@@ -219,6 +222,7 @@ AREA_CHECK = "file_verified"
 )
 def area_files(context: AssetCheckExecutionContext):
     """One step for the selected area files (one check each, not 489 steps)."""
+    mark_step_process("area_files")  # a check's step process, too, exits with the run worker
     recorded = partition_metadata(context)
     for check_key in sorted(context.selected_asset_check_keys, key=lambda k: AREA_BY_KEY[k.asset_key].relpath):
         yield area_file_result(check_key.asset_key, recorded.get(check_key.asset_key))
@@ -260,6 +264,7 @@ RELEASE_CHECKS = {
 )
 def release_integrity(context: AssetCheckExecutionContext):
     """The run as a whole, once its last files exist: areas, skew, diagnostics."""
+    mark_step_process("release_integrity")  # a check's step process, too, exits with the run worker
     if selected(context, "run_diagnostics", "sha256_verified"):
         yield verify_hashes(context, AssetKey("run_diagnostics"))
     store = context.resources.run_store.store()
@@ -315,6 +320,7 @@ def version_skew_result(pinned: str, recorded: dict[AssetKey, dict]) -> AssetChe
     required_resource_keys={"run_store"},
 )
 def staged_files(context: AssetCheckExecutionContext):
+    mark_step_process("staged_files")  # a check's step process, too, exits with the run worker
     store = context.resources.run_store.store()
     manifest = promotion.read_staging(store, context.partition_key)
     files = {str(store.path(promotion.staging_key(context.partition_key, rel))): digest for rel, digest in manifest.files.items()}
