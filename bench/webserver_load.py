@@ -21,6 +21,7 @@ from pipeline_assets.launch import instance_settings, launch_release
 from pipeline_assets.steps.config import config_for_scale
 from resources.processes import process_tree_cpu_seconds
 from resources.run_store import LocalRunStore
+from tests.processes import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -34,14 +35,6 @@ PAGES = {
 }
 SERVER_START_TIMEOUT_S = 180
 SETTLED_QUIET_S = 1.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_webserver(home: Path, store: LocalRunStore, port: int) -> subprocess.Popen:

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -28,6 +27,8 @@ from typing import Iterator
 
 import psycopg2
 import pytest
+
+from tests.processes import free_port
 
 UNPRIVILEGED_USER = "nobody"
 SUPERUSER = "usdata"
@@ -67,12 +68,6 @@ def server_bindir() -> Path | None:
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
     candidates.extend(reversed(versions))
     return next((c for c in candidates if (c / "initdb").is_file() and (c / "pg_ctl").is_file()), None)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def as_server_user(command: list[str]) -> list[str]:

@@ -1,10 +1,17 @@
-"""Stopping the servers a test started, by the PID it holds."""
+"""The servers a test starts: a free port on 127.0.0.1 to bind, and stopping them by the PID it holds."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 15) -> None:

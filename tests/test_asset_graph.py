@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -26,6 +25,7 @@ from pipeline_assets.materialize import rounded
 from pipeline_assets.reuse import StepRecord
 from pipeline_assets.steps import geography
 from resources.files import sha256_file
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_INPUTS = {AssetKey("source_datasets"), AssetKey("calibration_package"), AssetKey("state_weights")}
@@ -142,12 +142,6 @@ def test_column_schemas_are_the_files_headers(tiny_release):
             assert schema_columns(database[f"columns/{table}"]) == columns, table
     assert sorted(name.removeprefix("columns/") for name in database if name.startswith("columns/")) == sorted(tables)
     assert schema_columns(database["dagster/column_schema"]) == schema_columns(database["columns/targets"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def graphql(port: int, query: str, variables: dict) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from pipeline_assets.launch import instance_settings
-from tests.processes import stop_process_group
+from tests.processes import free_port, stop_process_group
 
 CHROMIUM = Path("/usr/bin/chromium")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +36,6 @@ RUN_TIMEOUT_S = 420
 CONFIG_CHECK_TIMEOUT_MS = 10_000
 MAX_CONCURRENT_RUNS = 3
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_instance_settings(home: Path, queued: bool) -> None:
