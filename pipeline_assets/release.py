@@ -27,6 +27,7 @@ from pipeline_assets.local_areas import AREA_KEYS
 from pipeline_assets.materialize import OWNERS
 from pipeline_assets.partitions import RELEASE_VERSIONS, release_versions, run_ids
 from pipeline_assets.run_start import open_run
+from resources.compute import mark_step_process
 from resources.dagster_resources import ReleaseBackendsResource, RunStoreResource
 from resources.registry import InvalidVersion, VersionManifest
 
@@ -116,6 +117,7 @@ def promotion(
     run, and a version partition the registry does not hold is removed again. A backend that fails
     mid-way fails the step: that version's promotion did fail, and running it again completes it.
     """
+    mark_step_process("promotion")  # a killed run worker takes its publishing step with it
     store = run_store.store()
     version = context.partition_key
     registry = release_backends.registry_backend(store)

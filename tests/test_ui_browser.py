@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline_assets.release import REFUSED_TAG
 from tests.ui_browser import (
     ARTIFACTS,
     CHROMIUM,
@@ -182,6 +183,8 @@ def test_promotion_from_the_ui_then_a_duplicate_version_is_refused(ui, released)
     with ui.step("promotion_launch"):
         first = ui.launch_from_launchpad("promotion", RELEASE_VERSION, config)
     assert_run_succeeded(ui, first, "promotion_first")
+    refusal = ui.run_tags(first).get(REFUSED_TAG)
+    assert refusal is None, f"the first promotion of {RELEASE_VERSION} was refused: {refusal}"
     assert_materialization_shows(ui, "promotion", RELEASE_VERSION, first, "promotion_materialized")
 
     with ui.step("promotion_launch_again"):

@@ -304,6 +304,11 @@ class Ui:
             time.sleep(2)
         raise AssertionError(f"run {dagster_run_id} still {status} after {timeout_s:.0f}s")
 
+    def run_tags(self, dagster_run_id: str) -> dict[str, str]:
+        query = "query($id: ID!) { runOrError(runId: $id) { ... on Run { tags { key value } } } }"
+        answer = graphql(self.base, query, {"id": dagster_run_id})["runOrError"]
+        return {tag["key"]: tag["value"] for tag in answer.get("tags", [])}
+
     def open_run(self, dagster_run_id: str) -> str:
         """The run's page, once its status shows; its text."""
         self.open(f"/runs/{dagster_run_id}")
