@@ -19,8 +19,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/usdata-pipeline run
 
+# Two workers, each taking whole test files (their module fixtures stay in one process): a run
+# spends much of its time waiting on SQLite's commits, which the other worker fills.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -233,8 +233,7 @@ def refuse_fits_without_their_device(config: RunConfig) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from pipeline_assets.launch import dagster_home, launch_release
-    from dagster import DagsterInstance
+    from pipeline_assets.launch import launch_release, open_instance
 
     if args.branch and args.sha:
         raise CliError("give --branch or --sha, not both")
@@ -254,9 +253,9 @@ def command_run(args: argparse.Namespace) -> int:
     config = config_for_scale(args.scale, **overrides)
     refuse_fits_without_their_device(config)
     store = LocalRunStore()
-    home = dagster_home()
     print(f"pinned {code.sha} ({code.branch or 'detached'}{', dirty' if code.dirty else ''}); scale {args.scale}")
-    with DagsterInstance.get() as instance:
+    with open_instance() as instance:
+        home = Path(instance.root_directory)
         outcome = launch_release(
             store, instance, config, code, report=_report, running_sha=running, compute={"workers": config.areas.workers}
         )
@@ -362,9 +361,7 @@ def command_verify(args: argparse.Namespace) -> int:
 
 
 def command_reproduce(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance
-
-    from pipeline_assets.launch import dagster_home
+    from pipeline_assets.launch import open_instance
     from pipeline_assets.reproduce import REPORT, check_reproducible, reproduce
 
     store = LocalRunStore()
@@ -372,9 +369,8 @@ def command_reproduce(args: argparse.Namespace) -> int:
     config = RunConfig.model_validate(store.read_meta(args.run_id).config)
     refuse_fits_without_their_device(config)
     check_reproducible(store, args.run_id, code, running_code_sha(), args.force)  # refused before the instance is made
-    dagster_home()
     print(f"reproducing {args.run_id} at {code.sha}")
-    with DagsterInstance.get() as instance:
+    with open_instance() as instance:
         result = reproduce(store, instance, args.run_id, code, force=args.force, report=_report,
                            compute={"workers": config.areas.workers})
     for difference in result.environment_differences:
@@ -389,18 +385,17 @@ def command_reproduce(args: argparse.Namespace) -> int:
 
 
 def command_resume(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance
 
-    from pipeline_assets.launch import dagster_home, resume_release
+    from pipeline_assets.launch import open_instance, resume_release
 
     parse_run_id(args.run_id)
     store = LocalRunStore()
     meta = store.read_meta(args.run_id)
     config = RunConfig.model_validate(meta.config)
     refuse_fits_without_their_device(config)
-    home = dagster_home()
     print(f"resuming {args.run_id} at {meta.sha}")
-    with DagsterInstance.get() as instance:
+    with open_instance() as instance:
+        home = Path(instance.root_directory)
         outcome = resume_release(store, instance, args.run_id, report=_report, running_sha=running_code_sha(),
                                  compute={"workers": config.areas.workers})
         fits = fit_summary(instance, args.run_id)
@@ -419,17 +414,15 @@ def command_promote(args: argparse.Namespace) -> int:
     written), then launch the promotion asset through the instance, whose promote() checks again
     under the same lock. Of concurrent promotions one gets through; each other is refused by the
     first check, or by the asset's (its one line reaches the user), never by a half-made release."""
-    from dagster import DagsterInstance
 
-    from pipeline_assets.launch import dagster_home, launch_promotion
+    from pipeline_assets.launch import launch_promotion, open_instance
     from pipeline_assets.promotion import check_promotable
 
     store = LocalRunStore()
     registry = _backends().registry_backend(store)
     with store.release_lock():  # released before the launch: the promotion's run takes it in its own process
         check_promotable(store, args.run_id, args.version, registry, args.allow_dirty)
-    dagster_home()
-    with DagsterInstance.get() as instance:
+    with open_instance() as instance:
         result = launch_promotion(instance, store, args.run_id, args.version, args.allow_dirty)
     if not result.success:
         raise result.error
@@ -444,9 +437,8 @@ def command_promote(args: argparse.Namespace) -> int:
 
 def command_rollback(args: argparse.Namespace) -> int:
     """rollback() checks and publishes under the store's release lock; its refusals write nothing."""
-    from dagster import DagsterInstance
 
-    from pipeline_assets.launch import dagster_home
+    from pipeline_assets.launch import open_instance
     from pipeline_assets.promotion import rollback
     from pipeline_assets.release import record_rollback
 
@@ -454,8 +446,7 @@ def command_rollback(args: argparse.Namespace) -> int:
     backends = _backends()
     registry = backends.registry_backend(store)
     entry = rollback(store, args.to_version, args.as_version, backends.publishers(store), registry, store.root / "production")
-    dagster_home()
-    with DagsterInstance.get() as instance:
+    with open_instance() as instance:
         record_rollback(instance, entry, registry.read().current)
     print(f"released {entry.version}: the files of {entry.roll_back_version} (run {entry.run_id}); current is {entry.version}")
     return 0
@@ -476,9 +467,8 @@ def command_versions(args: argparse.Namespace) -> int:
 
 
 def command_clean(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance
 
-    from pipeline_assets.launch import dagster_home
+    from pipeline_assets.launch import open_instance
     from pipeline_assets.partitions import RUN_IDS
     from pipeline_assets.promotion import clean
 
@@ -488,8 +478,7 @@ def command_clean(args: argparse.Namespace) -> int:
         return 0
     removed = clean(store, _backends().registry_backend(store), args.keep)
     if removed:
-        dagster_home()
-        with DagsterInstance.get() as instance:
+        with open_instance() as instance:
             for run_id in removed:
                 if instance.has_dynamic_partition(RUN_IDS, run_id):
                     instance.delete_dynamic_partition(RUN_IDS, run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -10,9 +11,10 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 import yaml
 
@@ -48,6 +50,7 @@ WORKSPACE = SOURCE_ROOT / "workspace.yaml"
 POLL_SECONDS = 0.5
 QUEUE_DAEMON = "QUEUED_RUN_COORDINATOR"  # the dagster-daemon's part that dequeues runs
 DAEMON_HEARTBEAT_SECONDS = 120  # a dequeuing daemon older than this is taken for gone
+INSTANCE_LOCK = ".usdata-instance.lock"
 
 def instance_settings() -> bytes:
     """The settings a new $DAGSTER_HOME gets (an existing dagster.yaml is never touched): Dagster's
@@ -102,6 +105,19 @@ def dagster_home() -> Path:
         write_bytes_atomic(settings, instance_settings())
     os.environ[DAGSTER_HOME_VARIABLE] = str(home)
     return home
+
+
+@contextmanager
+def open_instance() -> Iterator[DagsterInstance]:
+    """The Dagster instance at `dagster_home()`. Opening a new home creates its SQLite schemas, which
+    commands started at once on it would race on ("table ... already exists"): the opening is
+    serialized by a lock file in the home; the instance is then used without it."""
+    home = dagster_home()
+    with open(home / INSTANCE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        instance = DagsterInstance.get()
+    with instance:
+        yield instance
 
 
 @dataclass

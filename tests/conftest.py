@@ -61,7 +61,8 @@ def store(tiny_copy):
 
 # --- the reliability suite's own figures ------------------------------------------------------------
 # Tests marked @pytest.mark.reliability("bad_input" | "fault" | "concurrency" | "tamper") are counted
-# per class (each parametrized case once); the session writes the tally to tests/artifacts/
+# per class (each parametrized case once); the session (under xdist, its controller, which receives
+# every worker's reports) writes the tally to tests/artifacts/
 # reliability.json, which is where the README's reliability figures come from.
 RELIABILITY_REPORT = Path(__file__).resolve().parent / "artifacts" / "reliability.json"
 _reliability: dict[str, dict[str, int]] = {}
@@ -89,7 +90,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session):
-    if _reliability:
+    if _reliability and not hasattr(session.config, "workerinput"):  # under xdist: the controller, which hears every report
         RELIABILITY_REPORT.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(RELIABILITY_REPORT.read_text()) if RELIABILITY_REPORT.is_file() else {}
         RELIABILITY_REPORT.write_text(json.dumps({**previous, **_reliability}, indent=2, sort_keys=True) + "\n")

@@ -18,7 +18,7 @@ import pytest
 from dagster import AssetKey, TableSchema
 
 from pipeline_assets import defs
-from pipeline_assets.checks import ALL_CHECKS, area_file_result
+from pipeline_assets.checks import ALL_CHECKS, area_file_problems
 from pipeline_assets.jobs import RELEASE_JOB
 from pipeline_assets.local_areas import AREA_KEYS, NATIONAL_KEY
 from pipeline_assets.materialize import rounded
@@ -69,8 +69,9 @@ def test_selection_resolves_to_a_job(name, job_name):
     job = defs.resolve_implicit_global_asset_job_def() if job_name == "__ASSET_JOB" else defs.resolve_job_def(job_name)
     subset = job.get_subset(asset_selection=SELECTIONS[name])
     assert subset.asset_layer.selected_asset_keys == SELECTIONS[name]
-    checks = subset.asset_layer.asset_graph.asset_check_keys
-    assert checks and {check.asset_key for check in checks} <= SELECTIONS[name]
+    checks = {check.asset_key for check in subset.asset_layer.asset_graph.asset_check_keys}
+    assert checks <= SELECTIONS[name]
+    assert bool(checks) == (name != "three areas")  # the area files are verified by national_h5's all_areas_present
 
 
 def check_specs():
@@ -85,10 +86,9 @@ def test_every_check_is_described_per_partition_and_subsettable():
     assert all(checks.can_subset for checks in ALL_CHECKS if len(checks.check_keys) > 1)
     by_key = {(spec.asset_key.to_user_string(), spec.name): spec for spec in specs}
     assert by_key["national_h5", "all_areas_present"].blocking
-    assert {key for key, name in by_key if name == "file_verified"} == {key.to_user_string() for key in AREA_KEYS}
     assert ("staged_release", "staged_files_verified") in by_key
-    # one check per area, a handful per stage: what the UI polls
-    assert len(specs) == len(AREA_KEYS) + 13
+    # a handful per stage and none per area: every spec is three events of every run and a status the UI polls
+    assert len(specs) == 13 and not {key for key, _ in by_key} & {key.to_user_string() for key in AREA_KEYS if key != NATIONAL_KEY}
 
 
 def test_blocking_area_check_gates_staged_release():
@@ -210,12 +210,12 @@ def test_area_file_check_reads_the_file_its_metadata_describes(tiny_release, tmp
     figures = record.output_figures["h5s/districts/AL-01.h5"]
     recorded = {"path": str(path), "sha256": sha256_file(path), "households": figures["households"],
                 "weight_sum": rounded(figures["weight_sum"])}
-    assert area_file_result(AL_01, recorded).passed
+    assert area_file_problems(AL_01, recorded) == []
     for wrong in ({"households": figures["households"] + 1}, {"weight_sum": recorded["weight_sum"] * 1.01}):
-        result = area_file_result(AL_01, {**recorded, **wrong})
-        assert not result.passed and next(iter(wrong)) in result.metadata["problems"].value
+        (problem,) = area_file_problems(AL_01, {**recorded, **wrong})
+        assert problem.startswith("districts/AL-01.h5: " + next(iter(wrong))), problem
     copy = tmp_path / "AL-01.h5"
     copy.write_bytes(path.read_bytes() + b"\0")
-    assert "expected" in area_file_result(AL_01, {**recorded, "path": str(copy)}).metadata["problems"].value
-    assert "missing" in area_file_result(AL_01, {**recorded, "path": str(tmp_path / "gone.h5")}).metadata["problems"].value
-    assert not area_file_result(AL_01, None).passed
+    assert "expected" in area_file_problems(AL_01, {**recorded, "path": str(copy)})[0]
+    assert "missing" in area_file_problems(AL_01, {**recorded, "path": str(tmp_path / "gone.h5")})[0]
+    assert area_file_problems(AL_01, None) == ["districts/AL-01.h5: not materialized"]

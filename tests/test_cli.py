@@ -195,3 +195,17 @@ def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_k
     dagster_home()
     assert (mine / "dagster.yaml").read_text() == "telemetry:\n  enabled: true\n"
     assert home == (tmp_path / "new_home").resolve()
+
+
+def test_commands_started_at_once_on_a_new_home_open_one_instance(tmp_path):
+    """Opening a new home creates Dagster's SQLite schemas; four processes opening it at the same
+    instant all get the instance (unserialized, some fail with "table ... already exists")."""
+    home = tmp_path / "new_home"
+    code = ("import sys, time; from pipeline_assets.launch import open_instance; time.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
+            "with open_instance() as instance: print(len(instance.get_runs()))")
+    start = time.time() + 8  # every process imported and waiting, then all at once
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(SOURCE_ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert all(rc == 0 and out.strip() == "0" for rc, out, _ in results), [err[-500:] for _, _, err in results]
