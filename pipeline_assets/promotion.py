@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Callable, TypeVar
@@ -109,11 +110,16 @@ def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
     tro = tro_revisions(store, run_id)[-1]
     files[TRO_NAME] = (tro, sha256_file(tro))
     manifest = StagingManifest(run_id=run_id, files={rel: digest for rel, (_, digest) in sorted(files.items())})
-    for rel, (source, _) in files.items():
+    for rel, (source, digest) in files.items():
         target = store.path(staging_key(run_id, rel))
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            link_or_copy(source, target)
+        if target.exists() and (os.path.samefile(source, target) or sha256_file(target) == digest):
+            continue
+        # Staged again after a rebuild: the name now stands for the newer bytes (the run's TRO has a
+        # new revision), swapped in atomically.
+        incoming = target.with_name(f".{target.name}.{os.getpid()}.staging")
+        link_or_copy(source, incoming)
+        os.replace(incoming, target)
     write_bytes_atomic(store.path(staging_key(run_id, STAGING_MANIFEST)), manifest.model_dump_json(indent=2).encode())
     return manifest
 

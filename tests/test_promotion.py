@@ -19,7 +19,7 @@ from pipeline_assets.promotion import (
     stage_release,
 )
 from pipeline_assets.steps.config import config_for_scale
-from pipeline_assets.tro import TRO_NAME
+from pipeline_assets.tro import TRO_NAME, write_tro
 from resources.files import sha256_file
 from resources.git import CodeState
 from resources.publishers import GcsPublisher, LocalPublisher
@@ -262,3 +262,16 @@ def test_a_rollback_is_browsed_as_its_version_partition(store, monkeypatch, tmp_
         assert instance.get_materialized_partitions(AssetKey("promotion")) == {"7.0.0", "7.0.1"}
         latest = instance.get_latest_materialization_event(AssetKey("promotion")).asset_materialization
         assert latest.partition == "7.0.1" and latest.metadata["roll_back_version"].value == "7.0.0"
+
+
+def test_staging_again_after_a_new_tro_revision_stages_the_newer_tro(store):
+    """A rebuild adds a TRO revision; staging again swaps the staged TRO for it, so the staged files
+    match the new manifest and the run promotes."""
+    store, run_id = store
+    first = sha256_file(store.path(f"staging/{run_id}/{TRO_NAME}"))
+    newer = write_tro(store, run_id)
+    manifest = stage_release(store, run_id)
+    assert manifest.files[TRO_NAME] == sha256_file(newer) != first
+    assert sha256_file(store.path(f"staging/{run_id}/{TRO_NAME}")) == manifest.files[TRO_NAME]
+    publishers, registry = local_backends(store)
+    assert promote(store, run_id, "1.58.0", publishers, registry).run_id == run_id
