@@ -385,7 +385,6 @@ def command_reproduce(args: argparse.Namespace) -> int:
 
 
 def command_resume(args: argparse.Namespace) -> int:
-
     from pipeline_assets.launch import open_instance, resume_release
 
     parse_run_id(args.run_id)
@@ -414,7 +413,6 @@ def command_promote(args: argparse.Namespace) -> int:
     written), then launch the promotion asset through the instance, whose promote() checks again
     under the same lock. Of concurrent promotions one gets through; each other is refused by the
     first check, or by the asset's (its one line reaches the user), never by a half-made release."""
-
     from pipeline_assets.launch import launch_promotion, open_instance
     from pipeline_assets.promotion import check_promotable
 
@@ -437,7 +435,6 @@ def command_promote(args: argparse.Namespace) -> int:
 
 def command_rollback(args: argparse.Namespace) -> int:
     """rollback() checks and publishes under the store's release lock; its refusals write nothing."""
-
     from pipeline_assets.launch import open_instance
     from pipeline_assets.promotion import rollback
     from pipeline_assets.release import record_rollback
@@ -467,7 +464,6 @@ def command_versions(args: argparse.Namespace) -> int:
 
 
 def command_clean(args: argparse.Namespace) -> int:
-
     from pipeline_assets.launch import open_instance
     from pipeline_assets.partitions import RUN_IDS
     from pipeline_assets.promotion import clean
