@@ -1,4 +1,5 @@
-"""The servers a test starts: a free port on 127.0.0.1 to bind, and stopping them by the PID it holds."""
+"""The processes a test starts: a free port on 127.0.0.1 to bind, stopping servers by the PID it holds,
+and finding a run's processes by the store in their environment."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -31,3 +35,40 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
         proc.wait(5)
     except subprocess.TimeoutExpired:
         pass
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    name: str
+    cmdline: str
+
+
+def processes_of(store: Path) -> list[Proc]:
+    """The live processes whose environment carries this store: every process of a run started
+    with it (the orchestrator, the forkserver, the resource tracker, step processes, pool workers)."""
+    marker = f"PIPELINE_STORE={store}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":
+            found.append(Proc(int(entry.name), int(ppid), name, cmdline))
+    return found
+
+
+def wait_no_process_left(store: Path, timeout: float = 20) -> list[Proc]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_of(store)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left

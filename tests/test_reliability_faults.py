@@ -33,6 +33,7 @@ from resources.compute import LocalPool, WorkerDied
 from resources.run_store import LocalRunStore, Orchestrator, RunMeta, RunStatus, settle_if_orphaned, settle_orphans
 from pipeline_assets.steps.config import config_for_scale
 from tests.conftest import PINNED_SHA
+from tests.processes import Proc, processes_of, wait_no_process_left
 
 STEP_NAME_CHARS = 15
 POLL_S = 0.02
@@ -64,44 +65,6 @@ CHAIN_B = [
 ]
 CHAINS = {"a": CHAIN_A, "b": CHAIN_B}
 POINTS = [(chain, kind, step) for chain, points in CHAINS.items() for kind, step in points]
-
-
-# --- processes ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    name: str
-    cmdline: str
-
-
-def processes_of(store: Path) -> list[Proc]:
-    """The live processes whose environment carries this store: every process of a run started
-    with it (the orchestrator, the forkserver, the resource tracker, step processes, pool workers)."""
-    marker = f"PIPELINE_STORE={store}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if state != "Z":
-            found.append(Proc(int(entry.name), int(ppid), name, cmdline))
-    return found
-
-
-def wait_no_process_left(store: Path, timeout: float = 20) -> list[Proc]:
-    deadline = time.monotonic() + timeout
-    while (left := processes_of(store)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 # --- the command line, as a subprocess ------------------------------------------------------------

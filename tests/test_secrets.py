@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.processes import wait_no_process_left
+
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {
     "HF_TOKEN": "hf_SecretTokenValue0123456789abcdef",
@@ -35,6 +37,9 @@ def test_no_secret_value_is_written_anywhere(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # the run worker may still be closing the instance (its SQLite -wal comes and goes) after the
+    # command has seen the run end: read the files once nothing of the run writes them
+    assert not (left := wait_no_process_left(tmp_path / "store")), f"processes left: {left}"
 
     needles = [v.encode() for v in SECRETS.values()] + [b"SecretKeyId42", b"MIIEvFakeKeyMaterialSecret42"]
     logs = (done.stdout + done.stderr).encode()
