@@ -352,6 +352,16 @@ def orchestrator_death(store: LocalRunStore, run_id: str) -> str | None:
     return meta.error.message if meta.error else f"the orchestrator of run {run_id} died"
 
 
+def worker_death(store: LocalRunStore, run_id: str) -> RunError | None:
+    """The run worker's death where Dagster's code server saw it first and failed the run before
+    `orchestrator_death` was asked: a step still recorded running (a step's process records its own
+    end, failing too) under a worker that is gone. The run is then settled under that step."""
+    meta = store.read_meta(run_id)
+    if not (meta.running_steps() and meta.orphaned()):
+        return None
+    return settle_if_orphaned(store, run_id).error
+
+
 def _launch(store, instance, run_id, run_config, tags, report, ledger, op_selection: list[str] | None = None) -> LaunchOutcome:
     """Submit the release job for `run_id`, report its steps while it runs, and settle the run from
     what it recorded: the first step failure (a killed step process included) under that step, else
@@ -381,6 +391,7 @@ def _launch(store, instance, run_id, run_config, tags, report, ledger, op_select
     failed_checks = failing_checks(evaluations)
     error = None if success else (
         run_step_failure(instance, dagster_run_id)
+        or worker_death(store, run_id)
         or RunError(step="run", message=f"the Dagster run {dagster_run_id} {run.status.value.lower()} outside any step")
     )
     meta = settle_run(store, run_id, success, failed_checks, error=error, ledger=ledger)

@@ -31,6 +31,7 @@ import pytest
 
 from resources.compute import LocalPool, WorkerDied
 from resources.run_store import LocalRunStore, Orchestrator, RunMeta, RunStatus, settle_if_orphaned, settle_orphans
+from pipeline_assets.launch import worker_death
 from pipeline_assets.steps.config import config_for_scale
 from tests.conftest import PINNED_SHA
 from tests.processes import Proc, processes_of, wait_no_process_left
@@ -359,6 +360,20 @@ def test_a_run_between_steps_names_the_last_step_started(tmp_path):
     meta = settle_if_orphaned(store, run_id)
     assert meta.error.step == "source_datasets"
     assert "died after source_datasets succeeded, before the next step started" in meta.error.message
+
+
+def test_a_worker_death_seen_first_by_the_code_server_is_settled_under_the_running_step(tmp_path):
+    """Dagster's code server may fail a run whose worker was killed before the command asks how the
+    worker died: the run is still settled under the step that was running, and a run that failed
+    with no step running (its worker exited after failing it) is not taken for a death."""
+    store = LocalRunStore(tmp_path)
+    dead = Orchestrator.current().model_copy(update={"pid": _gone_pid()})
+    killed = _running_run(store, dead, {"policy_data_db": "succeeded", "source_datasets": "running"})
+    error = worker_death(store, killed)
+    assert error.step == "source_datasets" and error.message == f"the orchestrator (pid {dead.pid}) died while source_datasets was running"
+    assert store.read_meta(killed).status is RunStatus.failed
+    exited = _running_run(store, dead, {"policy_data_db": "succeeded"})
+    assert worker_death(store, exited) is None and store.read_meta(exited).status is RunStatus.running
 
 
 def test_only_orchestrators_certainly_gone_are_settled(tmp_path):
