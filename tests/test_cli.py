@@ -142,15 +142,20 @@ def webserver_release_runs(home: Path, timeout_s: float = 180) -> list[dict]:
 
 def test_a_run_is_launched_through_the_instance_and_a_failing_step_exits_1(store, capsys, monkeypatch):
     """--reuse-database with no completed run to take it from fails the first step. The run is the
-    code location's, under the release job, with the run's tags: in the instance and in the UI."""
+    code location's, under the release job, with the run's tags: in the instance and in the UI. Its
+    resource sizes reach its configuration, but not its hash."""
     from dagster import DagsterInstance, RunsFilter
 
     monkeypatch.setenv("PIPELINE_CODE_SHA", PINNED_SHA)
     monkeypatch.setattr("pipeline_assets.cli.code_state", lambda repo, ref=None: CodeState(PINNED_SHA, "main", False, None))
-    assert main(["run", "--scale", "tiny", "--reuse-database"]) == 1
+    assert main(["run", "--scale", "tiny", "--reuse-database", "--workers", "3", "--fit-threads", "2"]) == 1
     out = capsys.readouterr().out
     (meta,) = store.list_runs()
     assert meta.status is RunStatus.failed
+    config = RunConfig.model_validate(meta.config)
+    assert config.areas.workers == 3
+    assert config.local_fit.threads == config.national_fit.threads == 2
+    assert meta.config_hash == config_hash(config_for_scale("tiny", build_database=False))
     assert meta.error.step == "policy_data_db" and "no completed run" in meta.error.message
     assert "failed" in out and meta.run_id in out and "[FAILED] policy_data_db" in out
 
@@ -162,17 +167,6 @@ def test_a_run_is_launched_through_the_instance_and_a_failing_step_exits_1(store
     (listed,) = webserver_release_runs(home)
     assert listed["runId"] == run.run_id and listed["repositoryOrigin"]["repositoryLocationName"] == "pipeline_assets"
     assert {tag["key"]: tag["value"] for tag in listed["tags"]}["run_id"] == meta.run_id
-
-
-def test_resource_sizes_reach_the_run_config_but_not_its_hash(store, capsys, monkeypatch):
-    monkeypatch.setenv("PIPELINE_CODE_SHA", PINNED_SHA)
-    monkeypatch.setattr("pipeline_assets.cli.code_state", lambda repo, ref=None: CodeState(PINNED_SHA, "main", False, None))
-    assert main(["run", "--scale", "tiny", "--reuse-database", "--workers", "3", "--fit-threads", "2"]) == 1  # fails at once
-    (meta,) = store.list_runs()
-    config = RunConfig.model_validate(meta.config)
-    assert config.areas.workers == 3
-    assert config.local_fit.threads == config.national_fit.threads == 2
-    assert meta.config_hash == config_hash(config_for_scale("tiny", build_database=False))
 
 
 def test_a_new_dagster_home_gets_quiet_offline_settings_and_an_existing_one_is_kept(tmp_path, monkeypatch):

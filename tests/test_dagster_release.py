@@ -1,4 +1,4 @@
-"""The release job end to end on a Dagster instance: metadata, checks, meta.json, blocking quality."""
+"""The release job end to end on a Dagster instance: metadata, checks, lineage events, meta.json, blocking quality."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from resources.files import sha256_file
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus
 from tests.conftest import PINNED_SHA, shipped_settings
+from tests.test_lineage import assert_every_step_reported
 
 ENV_FIELDS = ["python_version", "library_versions", "os", "kernel", "architecture", "cpu_model", "cpu_count",
               "cloud_region", "compute_pool", "hostname", "container_image_digest", "container_image_reason"]
@@ -31,7 +32,8 @@ def latest(instance: DagsterInstance, key: AssetKey, run_id: str):
 def test_release_job_end_to_end(tmp_path):
     store = LocalRunStore(tmp_path / "store")
     with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_settings()) as instance:
-        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA)
+        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA,
+                                 lineage={"transport": "file"})
         assert outcome.success and outcome.failed_checks == []
         run_id = outcome.meta.run_id
         assert outcome.meta.status is RunStatus.completed
@@ -76,6 +78,7 @@ def test_release_job_end_to_end(tmp_path):
         assert len(names) == 13 and all(ev.passed for ev in evaluations)
         areas = next(ev for ev in evaluations if ev.check_name == "all_areas_present")
         assert areas.metadata["files_verified"].value == 489
+        assert_every_step_reported(store, run_id)  # OpenLineage events from the step processes
 
         # A second run that changes only the national fit: each area's metadata says where its file came from.
         second = launch_release(store, instance, config_for_scale("tiny", national_fit={"epochs": 40}), CODE,

@@ -10,20 +10,18 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from dagster import instance_for_test
 from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
 from openlineage.client.facet_v2 import dataset_version_dataset, error_message_run, parent_run, tags_run
 from openlineage.client.serde import Serde
 
 from pipeline_assets import stages
 from pipeline_assets.driver import run_release
-from pipeline_assets.launch import launch_release
 from pipeline_assets.reuse import read_record
 from pipeline_assets.steps.config import config_for_scale
 from resources.compute import LocalPool
 from resources.git import CodeState
 from resources.lineage import ENVIRONMENT_FACET, LINEAGE_DIR, Lineage, LineageSettings, RuntimeEnvironmentRunFacet, StepRun
-from tests.conftest import PINNED_SHA, shipped_settings
+from tests.conftest import PINNED_SHA
 
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
 RUN_FACETS = {
@@ -100,11 +98,18 @@ def assert_step_events(store, run_id: str, steps: dict[str, dict[str, RunEvent]]
     assert len({kinds["START"].run.facets["parent"].run.runId for kinds in steps.values()}) == 1
 
 
+def assert_every_step_reported(store, run_id: str) -> dict[str, dict[str, RunEvent]]:
+    """Each step of the run reported its START and COMPLETE, as assert_step_events requires; the
+    events by step. The Dagster path's run is tests/test_dagster_release.py's end-to-end run."""
+    steps = by_step(events_of(store.path(f"{LINEAGE_DIR}/{run_id}")))
+    assert set(steps) == set(stages.STEP_ORDER) and all(set(kinds) == {"START", "COMPLETE"} for kinds in steps.values())
+    assert_step_events(store, run_id, steps)
+    return steps
+
+
 def test_a_driver_run_reports_every_step(tiny_release):
     store, meta, _ = tiny_release
-    steps = by_step(events_of(store.path(f"{LINEAGE_DIR}/{meta.run_id}")))
-    assert set(steps) == set(stages.STEP_ORDER) and all(set(kinds) == {"START", "COMPLETE"} for kinds in steps.values())
-    assert_step_events(store, meta.run_id, steps)
+    steps = assert_every_step_reported(store, meta.run_id)
     assert len(steps["local_areas"]["COMPLETE"].outputs) == 489
     assert set(versions(steps["calibration_package"]["START"].inputs)) <= set(versions(steps["policy_data_db"]["COMPLETE"].outputs)) | set(
         versions(steps["source_datasets"]["COMPLETE"].outputs))  # the graph connects: inputs are named as outputs were
@@ -121,17 +126,6 @@ def test_a_failing_step_reports_fail_with_its_error(store):
     assert "no-such-start-method" in steps["local_areas"]["FAIL"].run.facets["errorMessage"].message
     assert_step_events(store, run_id, {"local_areas": steps["local_areas"]}, ended="FAIL")
     assert "run_diagnostics" not in steps and all(set(steps[s]) == {"START", "COMPLETE"} for s in stages.STEP_ORDER[:5])
-
-
-def test_a_dagster_run_reports_every_step(store):
-    store, _ = store
-    with instance_for_test(overrides=shipped_settings()) as instance:
-        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA, lineage={"transport": "file"})
-    assert outcome.success
-    run_id = outcome.meta.run_id
-    steps = by_step(events_of(store.path(f"{LINEAGE_DIR}/{run_id}")))
-    assert set(steps) == set(stages.STEP_ORDER) and all(set(kinds) == {"START", "COMPLETE"} for kinds in steps.values())
-    assert_step_events(store, run_id, steps)
 
 
 class Collector(BaseHTTPRequestHandler):
