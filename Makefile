@@ -22,8 +22,13 @@ demo: $(STAMP)
 # Two workers, each taking whole test files (their module fixtures stay in one process): a run
 # spends much of its time waiting on SQLite's commits, which the other worker fills.
 TEST_WORKERS ?= 2
+# The tests' stores and Dagster homes (several GB in all) go to tmpfs where the machine has the memory
+# for them (16 GB available), as SQLite's commits there cost no disk flush; removed when the tests
+# pass, kept for a look when one fails (the next `make test` clears them). TEST_TMP= keeps pytest's own.
+TEST_TMP ?= $(shell awk '/^MemAvailable/ { if ($$2 > 16000000) print "/dev/shm/usdata-pipeline-tests" }' /proc/meminfo 2>/dev/null)
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(if $(TEST_TMP),--basetemp=$(TEST_TMP))
+	$(if $(TEST_TMP),rm -rf $(TEST_TMP))
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -67,7 +67,9 @@ def processes_of(store: Path) -> list[Proc]:
     return found
 
 
-def wait_no_process_left(store: Path, timeout: float = 20) -> list[Proc]:
+def wait_no_process_left(store: Path, timeout: float = 60) -> list[Proc]:
+    """The run's processes still alive after `timeout` s (none: all gone). A code server shuts down
+    on its own poll once its runs have ended, which a loaded machine can stretch to tens of seconds."""
     deadline = time.monotonic() + timeout
     while (left := processes_of(store)) and time.monotonic() < deadline:
         time.sleep(0.1)
