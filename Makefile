@@ -19,8 +19,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/usdata-pipeline run
 
-# Two workers, each taking whole test files (their module fixtures stay in one process): a run
-# spends much of its time waiting on SQLite's commits, which the other worker fills.
+# Two workers (this VM's two cores, which the suite keeps busy), each taking whole test files (their
+# module fixtures stay in one process).
 TEST_WORKERS ?= 2
 # The tests' stores and Dagster homes (several GB in all) go to tmpfs where the machine has the memory
 # for them (16 GB available), as SQLite's commits there cost no disk flush; removed when the tests
