@@ -34,6 +34,7 @@ from pipeline_assets.materialize import rounded
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import QualityConfig, RunConfig
+from pipeline_assets.steps.policyengine import read_variable
 from resources.compute import mark_step_process
 from resources.files import sha256_file
 from resources.run_store import LocalRunStore
@@ -221,7 +222,7 @@ def area_file_problems(key: AssetKey, metadata: dict | None) -> list[str]:
     if problems:
         return problems
     with h5py.File(str(metadata["path"]), "r") as h5:
-        weights = h5["household/weight"][()]
+        weights = read_variable(h5, "household_weight").astype(float)
     found = {"households": len(weights), "weight_sum": rounded(float(weights.sum()))}
     return [f"{AREA_BY_KEY[key].relpath}: {name} recorded {metadata.get(name)}, the file has {value}"
             for name, value in found.items() if metadata.get(name) is None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Generator, Iterator
 
 from pipeline_assets.step_graph import STEP_INPUTS, STEP_ORDER  # stages.STEP_ORDER: the name the rest of the package uses
-from pipeline_assets.steps import database, datasets, geography
+from pipeline_assets.steps import database, datasets, geography, uprating
 from pipeline_assets.steps.calibration import build_calibration_package
 from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.database import build_database
@@ -60,11 +60,13 @@ PRIMARY_OUTPUTS = {
 FIT_SCOPES = {"state_weights": "local", "national_weights": "national"}
 STEP_SOURCES = {
     "policy_data_db": ("pipeline_assets.steps.database", "pipeline_assets.steps.geography"),
-    "source_datasets": ("pipeline_assets.steps.datasets", "pipeline_assets.steps.geography", "pipeline_assets.steps.h5io"),
-    "calibration_package": ("pipeline_assets.steps.calibration", "pipeline_assets.steps.h5io"),
+    "source_datasets": ("pipeline_assets.steps.datasets", "pipeline_assets.steps.geography", "pipeline_assets.steps.h5io",
+                        "pipeline_assets.steps.policyengine", "pipeline_assets.steps.uprating"),
+    "calibration_package": ("pipeline_assets.steps.calibration", "pipeline_assets.steps.h5io", "pipeline_assets.steps.uprating"),
     "state_weights": ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration"),
     "national_weights": ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration"),
-    "local_areas": ("pipeline_assets.steps.local_areas", "pipeline_assets.steps.h5io"),
+    "local_areas": ("pipeline_assets.steps.local_areas", "pipeline_assets.steps.h5io", "pipeline_assets.steps.policyengine",
+                    "pipeline_assets.steps.geography"),
     "run_diagnostics": ("pipeline_assets.steps.diagnostics",),
 }
 CODE_VERSIONS = {step: code_version(*modules) for step, modules in STEP_SOURCES.items()}
@@ -74,8 +76,8 @@ CODE_VERSIONS = {step: code_version(*modules) for step, modules in STEP_SOURCES.
 STEP_RAW_INPUTS = {
     "policy_data_db": database.RAW_INPUT_FILES,
     "source_datasets": datasets.RAW_INPUT_FILES,
-    "calibration_package": geography.GEOGRAPHY_FILES,
-    "local_areas": (geography.DISTRICT_LIST,),
+    "calibration_package": (*geography.GEOGRAPHY_FILES, uprating.CPI_FILE),
+    "local_areas": (geography.DISTRICT_LIST, geography.COUNTY_FIPS),
 }
 # The slice of the hashed run configuration each reusable step depends on. The area files and the
 # diagnostics are always rebuilt: the first for any change of weights, the second records the run.

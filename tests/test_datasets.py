@@ -9,6 +9,7 @@ import pytest
 
 from pipeline_assets.steps.config import DatasetConfig
 from pipeline_assets.steps.datasets import (
+    MONEY_COLUMNS,
     QRF_IMPUTED,
     allocate_sample,
     build_datasets,
@@ -21,6 +22,8 @@ from pipeline_assets.steps.geography import (
     districts,
     raw_input,
 )
+from pipeline_assets.steps.policyengine import INPUTS_BY_ENTITY
+from pipeline_assets.steps.uprating import CPI_FILE, PeriodNotCovered, cpi_u
 from resources.files import sha256_file
 
 TINY = DatasetConfig(households=300, qrf_donors=400, qrf_trees=10, seed=7)
@@ -66,7 +69,7 @@ def test_file_layout_and_attributes(built):
             assert not stored_times(group)
             for dataset in group.values():
                 assert not stored_times(dataset)
-                assert dataset.dtype.kind == "S" or dataset.dtype in (np.int64, np.float64)
+                assert dataset.dtype.kind in "Sb" or dataset.dtype in (np.int64, np.float64)
         assert handle["household/district"].dtype.kind == "S"
         assert handle["person/role"].dtype.kind == "S"
 
@@ -204,3 +207,41 @@ def test_allocation_gives_minimum_then_proportional_shares():
     assert allocation.tolist() == [3, 3, 10]
     with pytest.raises(ValueError):
         allocate_sample(weights, total=5, minimum=2)
+
+
+def test_money_is_uprated_from_each_survey_year_to_the_period_by_the_cpi_u(built):
+    """A unit's amounts are the CPS file's times CPI-U(period) / CPI-U(FLPDYR): its wages, and the
+    head's and spouse's shares of them, which add up to the unit's."""
+    _, result, data = built
+    index = cpi_u()
+    units = data.tax_units
+    assert result.figures["period"] == data.period == TINY.period
+    assert set(units["FLPDYR"]) <= {2012, 2013, 2014}
+    assert np.allclose(units["uprating_factor"], index[data.period] / units["FLPDYR"].map(index))
+    source = pd.read_csv(raw_input("cps_taxunits.csv.gz"), usecols=["FLPDYR", "h_seq", "RECID", "e00200", "e00200p"])
+    merged = units.merge(source, on=["FLPDYR", "RECID"], suffixes=("", "_cps")).drop_duplicates("tax_unit_id")
+    assert len(merged) > 0
+    assert np.allclose(merged["e00200"], merged["e00200_cps"] * merged["uprating_factor"])
+    persons = data.persons.merge(units[["tax_unit_id", "e00200", "e00200p"]], on="tax_unit_id")
+    by_unit = persons.groupby("tax_unit_id")
+    assert np.allclose(by_unit["employment_income_before_lsr"].sum(), by_unit["e00200"].first())
+    heads = persons[persons["role"] == "head"]
+    assert np.allclose(heads["employment_income_before_lsr"], heads["e00200p"])
+    assert (persons.loc[persons["role"] == "dependent", "employment_income_before_lsr"] == 0).all()
+    assert {"e00200p", "e01500", "e00650", "e00400", "e19200"} <= set(MONEY_COLUMNS)
+
+
+def test_the_persons_carry_every_person_input_of_the_mapping_table(built):
+    _, _, data = built
+    assert {spec.variable for spec in INPUTS_BY_ENTITY["person"]} <= set(data.persons)
+    assert set(data.tax_units["filing_status"]) <= {"SINGLE", "JOINT", "SEPARATE", "HEAD_OF_HOUSEHOLD"}
+    qualified = data.persons["qualified_dividend_income"] + data.persons["non_qualified_dividend_income"]
+    assert np.allclose(qualified.groupby(data.persons["tax_unit_id"]).sum(), data.tax_units.set_index("tax_unit_id")["e00600"])
+
+
+def test_a_period_the_price_index_does_not_cover_is_refused_at_configuration():
+    with pytest.raises(ValueError, match=f"period 2031: expected a year the CPI-U table {CPI_FILE} covers \\(2010-2024\\)"):
+        DatasetConfig(period=2031)
+    with pytest.raises(PeriodNotCovered):
+        from pipeline_assets.steps.uprating import uprating_factors
+        uprating_factors(np.array([2009]), 2024)

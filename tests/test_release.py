@@ -19,6 +19,8 @@ from pipeline_assets.steps.calibration import household_feature, load_calibratio
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.datasets import load_dataset
 from pipeline_assets.steps.local_areas import MemberRows
+from pipeline_assets.steps.policyengine import INPUTS, layout_problems, read_variable
+from pipeline_assets.steps.uprating import cpi_u
 from pipeline_assets.steps import weights as weights_step
 from resources.compute import CoreShare, LocalPool, usable_cores
 from resources.files import sha256_file
@@ -50,7 +52,8 @@ def test_matrix_shape_and_unweighted_sums(tiny_release):
     rng = np.random.default_rng(0)
     for row in rng.choice(len(package.targets), size=40, replace=False):
         target = package.targets.iloc[row]
-        feature = household_feature(data, target["variable"], target["stratum"])
+        dollars = cpi_u()[int(target["period"])] / cpi_u()[data.period]
+        feature = household_feature(data, target["variable"], target["stratum"], dollars)
         columns = package.columns
         inside = {
             "national": np.ones(len(columns), dtype=bool),
@@ -122,9 +125,9 @@ def test_exactly_488_areas_plus_national_with_the_right_names(tiny_release):
     for result in results["local_areas"]:
         assert sha256_file(h5_root / result.relpath) == result.sha256
     with h5py.File(h5_root / "cities/NYC.h5") as h5:
-        counties = set(h5["household/county"][()].astype(str))
-        assert counties <= set(geography.NYC_COUNTIES.values()) and counties
-        assert (h5["household/weight"][()] > 0).all()
+        counties = set(read_variable(h5, "county_fips").astype(str))
+        assert counties <= set(geography.NYC_COUNTIES) and counties
+        assert (read_variable(h5, "household_weight") > 0).all()
     assert by_code["NYC"].households > 0
 
 
@@ -145,23 +148,68 @@ def test_area_file_holds_households_people_and_weights(tiny_release):
     store, meta, results = tiny_release
     result = next(r for r in results["local_areas"] if r.area == "AL")
     with h5py.File(store.path(store.run_key(meta.run_id, f"{stages.H5_ROOT}/states/AL.h5"))) as h5:
-        weights = h5["household/weight"][()]
-        assert len(weights) == result.households and weights.sum() == pytest.approx(result.weight_sum)
-        assert set(h5["household/state"][()].astype(str)) == {"AL"}
-        assert set(h5["person/household_id"][()]) <= set(h5["household/household_id"][()])
+        weights = read_variable(h5, "household_weight")
+        assert weights.dtype == np.float32
+        assert len(weights) == result.households and weights.sum(dtype=float) == pytest.approx(result.weight_sum)
+        households, persons = np.unique(read_variable(h5, "person_household_id"), return_counts=True)
+        assert list(households) == list(read_variable(h5, "household_id"))  # in household order
+        assert (persons * weights.astype(float)).sum() == pytest.approx(result.population, rel=1e-9)
+
+
+def test_every_area_file_is_a_policyengine_dataset_of_the_release_period(tiny_release):
+    """The layout the model reads, checked without the model on all 489 files: the variables of the
+    mapping table and the ids, one array each for the period, ids unique, every link valid."""
+    store, meta, results = tiny_release
+    period = meta.config["dataset"]["period"]
+    h5_root = store.path(store.run_key(meta.run_id, stages.H5_ROOT))
+    problems = [p for r in results["local_areas"] for p in layout_problems(h5_root / r.relpath, period)]
+    assert problems == []
+    assert len(results["local_areas"]) == 489
+    with h5py.File(h5_root / "states/CA.h5") as h5:
+        assert {name: h5[name][str(period)].dtype.kind for name in ("filing_status", "tax_unit_role_input", "county_fips")} == \
+            {"filing_status": "S", "tax_unit_role_input": "S", "county_fips": "S"}
+        assert {i.variable for i in INPUTS} <= set(h5)
+
+
+def test_each_area_file_places_its_households_where_their_clones_are(tiny_release):
+    """The clone's own state, county and district (PolicyEngine's SSDD, at-large 01, DC 1101), not
+    the sampled CPS household's state."""
+    store, meta, results = tiny_release
+    h5_root = store.path(store.run_key(meta.run_id, stages.H5_ROOT))
+    package = load_calibration_package(stages.artifact(store, meta.run_id, "calibration_package")).columns
+    fips = geography.county_fips()
+    for relpath, state, geoid in (("states/CA.h5", 6, None), ("districts/DC-01.h5", 11, 1101),
+                                  ("districts/AK-01.h5", 2, 201), ("districts/CA-52.h5", 6, 652)):
+        with h5py.File(h5_root / relpath) as h5:
+            households = read_variable(h5, "household_id")
+            assert len(households) > 0, relpath
+            assert set(read_variable(h5, "state_fips")) == {state}, relpath
+            if geoid is not None:
+                assert set(read_variable(h5, "congressional_district_geoid")) == {geoid}, relpath
+            clones = package.iloc[households]
+            assert list(read_variable(h5, "county_fips").astype(str)) == [fips[c] for c in clones["county"]], relpath
 
 
 def test_each_clone_in_an_area_file_carries_its_source_households_members(tiny_release):
+    """household_id is the clone's column of the calibration package, whose household_index is the
+    sampled household; its persons and tax units are copied in order, numbered afresh in the file."""
     store, meta, _ = tiny_release
     data = load_dataset(stages.artifact(store, meta.run_id, "source_datasets"))
+    package = load_calibration_package(stages.artifact(store, meta.run_id, "calibration_package")).columns
     with h5py.File(store.path(store.run_key(meta.run_id, f"{stages.H5_ROOT}/states/CA.h5"))) as h5:
-        clones, sources = h5["household/household_id"][()], h5["household/source_household_id"][()]
-        assert len(clones) > 0
-        for group, table, key in (("person", data.persons, "person_id"), ("tax_unit", data.tax_units, "tax_unit_id")):
-            rows = [table[table["household_id"] == source] for source in sources]
-            assert list(h5[f"{group}/{key}"][()]) == [k for part in rows for k in part[key]]
-            assert list(h5[f"{group}/household_id"][()]) == [c for c, part in zip(clones, rows) for _ in range(len(part))]
-            assert list(h5[f"{group}/source_household_id"][()]) == [s for s, part in zip(sources, rows) for _ in range(len(part))]
+        clones = read_variable(h5, "household_id")
+        sources = package["household_index"].to_numpy()[clones]
+        persons = [data.persons[data.persons["household_id"] == source] for source in sources]
+        units = [data.tax_units[data.tax_units["household_id"] == source] for source in sources]
+        assert list(read_variable(h5, "age")) == [a for part in persons for a in part["age"]]
+        assert list(read_variable(h5, "person_household_id")) == [c for c, part in zip(clones, persons) for _ in range(len(part))]
+        assert list(read_variable(h5, "filing_status").astype(str)) == [f for part in units for f in part["filing_status"]]
+        assert np.allclose(read_variable(h5, "employment_income_before_lsr"),
+                           np.concatenate([part["employment_income_before_lsr"] for part in persons]), rtol=1e-6)
+        # Each person's tax unit is their clone's own copy of it.
+        unit_of_person = read_variable(h5, "person_tax_unit_id")
+        source_unit = np.concatenate([part["tax_unit_id"] for part in units])[unit_of_person]
+        assert list(source_unit) == [u for part in persons for u in part["tax_unit_id"]]
 
 
 def test_member_rows_follow_the_chosen_households_in_table_order():

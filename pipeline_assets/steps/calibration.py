@@ -21,8 +21,9 @@ from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import CalibrationConfig
 from pipeline_assets.steps.datasets import Dataset, load_dataset
 from pipeline_assets.steps.h5io import open_for_write, read_frame, write_columns, write_frame
-from resources.files import atomic_path
 from pipeline_assets.steps.results import StepResult
+from pipeline_assets.steps.uprating import check_period, cpi_u
+from resources.files import atomic_path
 
 LEVELS = ("national", "state", "district")
 
@@ -59,8 +60,9 @@ def _in_band(values: np.ndarray, stratum: str, kind: str) -> np.ndarray:
     return (values >= lo) & (values < hi)
 
 
-def household_feature(data: Dataset, variable: str, stratum: str) -> np.ndarray:
-    """Per-household value of one target's (variable, stratum), aligned with data.households."""
+def household_feature(data: Dataset, variable: str, stratum: str, dollars: float = 1.0) -> np.ndarray:
+    """Per-household value of one target's (variable, stratum), aligned with data.households; amounts
+    and AGI bands in the target's dollars (`dollars`: the dataset's period's dollar in the target's)."""
     n = len(data.households)
     index = pd.Index(data.households["household_id"])
 
@@ -69,7 +71,7 @@ def household_feature(data: Dataset, variable: str, stratum: str) -> np.ndarray:
         return np.bincount(rows, weights=values, minlength=n)
 
     units, persons = data.tax_units, data.persons
-    agi = units["adjusted_gross_income"].to_numpy(float)
+    agi = units["adjusted_gross_income"].to_numpy(float) * dollars
     if variable == "person_count":
         return per_household(persons, _in_band(persons["age"].to_numpy(float), stratum, "age").astype(float))
     if variable == "tax_unit_count":
@@ -81,7 +83,7 @@ def household_feature(data: Dataset, variable: str, stratum: str) -> np.ndarray:
     if variable == "eitc_returns":
         return per_household(units, (units["eitc"].to_numpy(float) > 0).astype(float))
     if variable == "eitc_amount":
-        return per_household(units, units["eitc"].to_numpy(float))
+        return per_household(units, units["eitc"].to_numpy(float) * dollars)
     raise UnknownTargetVariable(
         f"unknown target variable {variable!r}: expected one of person_count, tax_unit_count, "
         "adjusted_gross_income, household_snap_count, eitc_returns, eitc_amount"
@@ -91,7 +93,7 @@ def household_feature(data: Dataset, variable: str, stratum: str) -> np.ndarray:
 def read_targets(db_path: Path, variables: tuple[str, ...] | None) -> pd.DataFrame:
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
         targets = pd.read_sql_query(
-            "SELECT g.level, t.geo_id, t.variable, t.stratum, t.value, t.source "
+            "SELECT g.level, t.geo_id, t.variable, t.stratum, t.value, t.source, t.period "
             "FROM targets t JOIN geographies g USING (geo_id) ORDER BY t.target_id",
             conn,
         )
@@ -146,14 +148,16 @@ def place_clones(n_households: int, config: CalibrationConfig, raw_dir: Path | N
     )
 
 
-def build_matrix(data: Dataset, targets: pd.DataFrame, columns: pd.DataFrame) -> sp.csr_matrix:
+def build_matrix(data: Dataset, targets: pd.DataFrame, columns: pd.DataFrame, raw_dir: Path | None = None) -> sp.csr_matrix:
     """Assemble X level by level: a clone counts toward the targets of the geographies containing it."""
     rows_out, cols_out, vals_out = [], [], []
-    features = targets[["variable", "stratum"]].drop_duplicates().reset_index(drop=True)
-    feature_index = {(v, s): k for k, (v, s) in enumerate(features.itertuples(index=False))}
-    values = np.column_stack(
-        [household_feature(data, v, s) for v, s in features.itertuples(index=False)]
-    ) if len(features) else np.zeros((len(data.households), 0))
+    features = targets[["variable", "stratum", "period"]].drop_duplicates().reset_index(drop=True)
+    feature_index = {key: k for k, key in enumerate(features.itertuples(index=False, name=None))}
+    index = cpi_u(raw_dir)
+    values = np.column_stack([
+        household_feature(data, v, s, index[check_period(int(year), raw_dir)] / index[data.period])
+        for v, s, year in features.itertuples(index=False, name=None)
+    ]) if len(features) else np.zeros((len(data.households), 0))
     column_values = values[columns["household_index"].to_numpy()]
     col_idx, feat_idx = np.nonzero(column_values)
     entry_values = column_values[col_idx, feat_idx]
@@ -172,7 +176,7 @@ def build_matrix(data: Dataset, targets: pd.DataFrame, columns: pd.DataFrame) ->
         for row, target in level_targets.iterrows():
             g = geo_lookup.get(target["geo_id"])
             if g is not None:
-                row_of[feature_index[(target["variable"], target["stratum"])], g] = row
+                row_of[feature_index[(target["variable"], target["stratum"], target["period"])], g] = row
         rows = row_of[feat_idx, geo_ids[col_idx]]
         keep = rows >= 0
         rows_out.append(rows[keep])
@@ -193,7 +197,7 @@ def build_calibration_package(
     targets = read_targets(db_path, config.target_variables)
     columns = place_clones(len(data.households), config, raw_dir)
     columns["base_weight"] = data.households["weight"].to_numpy(float)[columns["household_index"]] / config.clones
-    matrix = build_matrix(data, targets, columns)
+    matrix = build_matrix(data, targets, columns, raw_dir)
 
     with atomic_path(out_path) as tmp, open_for_write(tmp) as h5:
         group = h5.create_group("matrix")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline_assets.steps.uprating import check_period
 
 
 class StepConfig(BaseModel):
@@ -27,6 +29,13 @@ class DatasetConfig(StepConfig):
     min_households_per_state: int = Field(2, ge=1)
     qrf_donors: int = Field(4000, ge=50)
     qrf_trees: int = Field(40, ge=1)
+    # The release's year: money is uprated to it, and the area files hold their arrays for it.
+    period: int = 2024
+
+    @field_validator("period")
+    @classmethod
+    def _covered(cls, period: int) -> int:
+        return check_period(period)
 
 
 class CalibrationConfig(StepConfig):

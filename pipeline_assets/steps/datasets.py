@@ -26,12 +26,20 @@ from pipeline_assets.steps.geography import (
     raw_input,
 )
 from pipeline_assets.steps.h5io import open_for_write, read_frame, write_frame
-from resources.files import atomic_path, sha256_file
+from pipeline_assets.steps.policyengine import (
+    PERSON_MONEY_COLUMNS,
+    PERSON_SOURCE_COLUMNS,
+    filing_status,
+    person_inputs,
+)
 from pipeline_assets.steps.results import StepResult
+from pipeline_assets.steps.uprating import CPI_FILE, cpi_u, uprating_factors
+from resources.files import atomic_path, sha256_file
 
 SOURCE_FILE = "cps_taxunits.csv.gz"
-# Every raw file the datasets are made from: the tax units, and the geography each household is placed in.
-RAW_INPUT_FILES = (SOURCE_FILE, *GEOGRAPHY_FILES)
+# Every raw file the datasets are made from: the tax units, the price index their money is uprated
+# by, and the geography each household is placed in.
+RAW_INPUT_FILES = (SOURCE_FILE, CPI_FILE, *GEOGRAPHY_FILES)
 
 # The file stacks three CPS ASEC years and h_seq restarts every year, so h_seq alone joins
 # unrelated households (often in different states); (year, h_seq) is the real household.
@@ -57,12 +65,16 @@ QRF_PREDICTORS = ("age_head", "MARS", "XTOT", "nu18", "e00200", "e00300", "e0060
 QRF_IMPUTED = ("e18400", "e32800")  # state and local income taxes; child care expenses
 QRF_MIN_SAMPLES_LEAF = 5
 
-TAX_UNIT_COLUMNS = (
+TAX_UNIT_COLUMNS = tuple(dict.fromkeys((
     "RECID", "MARS", "XTOT", "age_head", "age_spouse", "nu06", "nu13", "nu18", "n1820",
-    "elderly_dependents", "EIC", "snap_ben", *dict.fromkeys(c.column for c in AGI_COMPONENTS),
-    *QRF_IMPUTED,
-)
+    "elderly_dependents", "EIC", "snap_ben", *(c.column for c in AGI_COMPONENTS),
+    *QRF_IMPUTED, *PERSON_SOURCE_COLUMNS,
+)))
 SOURCE_COLUMNS = (*HOUSEHOLD_KEY, "fips", "s006", *TAX_UNIT_COLUMNS)
+# Every amount in dollars of the record's survey year (FLPDYR), uprated to the release period.
+MONEY_COLUMNS = tuple(dict.fromkeys((
+    *(c.column for c in AGI_COMPONENTS), "snap_ben", *QRF_IMPUTED, *PERSON_MONEY_COLUMNS,
+)))
 
 # Dependent age bands (inclusive), in the order the CPS counts fill them.
 DEPENDENT_AGE_BANDS = np.array([(0, 5), (6, 12), (13, 17), (18, 20), (21, 64), (65, 84)])
@@ -73,11 +85,13 @@ class Dataset:
     households: pd.DataFrame
     tax_units: pd.DataFrame
     persons: pd.DataFrame
+    period: int  # the year its money is in
 
 
 # --- EITC ---------------------------------------------------------------------------------------
 
 # 2022 parameters by number of qualifying children (0, 1, 2, 3+).
+EITC_PARAMETER_YEAR = 2022
 EITC_PHASE_IN_RATE = np.array([0.0765, 0.34, 0.40, 0.45])
 EITC_EARNED_INCOME_AMOUNT = np.array([7_320, 10_980, 15_410, 15_410])
 EITC_MAX_CREDIT = np.array([560, 3_733, 6_164, 6_935])
@@ -113,13 +127,18 @@ def earned_income_tax_credit(
 # --- sample -------------------------------------------------------------------------------------
 
 
-def read_tax_units(path: Path) -> pd.DataFrame:
-    """The CPS tax units, only the columns the dataset uses; AGI components absent are skipped."""
+def read_tax_units(path: Path, period: int, raw_dir: Path | None = None) -> pd.DataFrame:
+    """The CPS tax units, only the columns the dataset uses (AGI components absent are skipped), their
+    money in `period`'s dollars; `uprating_factor` is what each unit's amounts were multiplied by."""
     optional = {c.column for c in AGI_COMPONENTS}
     units = pd.read_csv(path, usecols=lambda column: column in SOURCE_COLUMNS)
     missing = [c for c in SOURCE_COLUMNS if c not in units.columns and c not in optional]
     if missing:
         raise ValueError(f"{path.name} lacks the columns {missing}")
+    units["uprating_factor"] = uprating_factors(units["FLPDYR"].to_numpy(), period, raw_dir)
+    for column in MONEY_COLUMNS:
+        if column in units.columns:
+            units[column] = units[column] * units["uprating_factor"]
     return units
 
 
@@ -306,7 +325,7 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
     """Sample, enrich and impute the household microdata; write it as one reproducible HDF5 file."""
     rng = np.random.default_rng(config.seed)
     source = raw_input(SOURCE_FILE, raw_dir)
-    all_units = read_tax_units(source)
+    all_units = read_tax_units(source, config.period, raw_dir)
     all_households = households_of(all_units)
     sample = sample_households(all_households, config, rng)
     sample.insert(0, "household_id", np.arange(len(sample)))
@@ -323,14 +342,16 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
 
     present = [c for c in AGI_COMPONENTS if c.column in units.columns]
     units["adjusted_gross_income"] = sum(units[c.column] * c.share for c in present)
+    # The credit under its parameters' year, on incomes in that year's dollars, then in the period's.
+    to_parameter_year = cpi_u(raw_dir)[EITC_PARAMETER_YEAR] / cpi_u(raw_dir)[config.period]
     units["eitc"] = earned_income_tax_credit(
-        earned=units["e00200"] + units["e00900"],
-        agi=units["adjusted_gross_income"],
+        earned=(units["e00200"] + units["e00900"]) * to_parameter_year,
+        agi=units["adjusted_gross_income"] * to_parameter_year,
         joint=units["MARS"] == 2,
         children=units["EIC"],
-        investment_income=units["e00300"] + units["e00600"],
+        investment_income=(units["e00300"] + units["e00600"]) * to_parameter_year,
         age_head=units["age_head"],
-    )
+    ) / to_parameter_year
 
     sample["state_fips"] = sample.pop("fips")
     sample["state"] = sample["state_fips"].map(lambda fips: STATE_ABBREV_BY_FIPS[f"{fips:02d}"])
@@ -354,8 +375,12 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
     sample["n_tax_units"] = by_household.size().to_numpy()
     sample["snap"] = by_household["snap_ben"].sum().to_numpy()
     sample["adjusted_gross_income"] = by_household["adjusted_gross_income"].sum().to_numpy()
+    sample["spm_unit_pre_subsidy_childcare_expenses"] = by_household["e32800"].sum().to_numpy()
+    units["filing_status"] = filing_status(units["MARS"].to_numpy())
+    persons = persons.assign(**person_inputs(units, persons))
     units = units[[
-        "tax_unit_id", "household_id", *(c for c in TAX_UNIT_COLUMNS if c in units.columns),
+        "tax_unit_id", "household_id", "FLPDYR", "uprating_factor",
+        *(c for c in TAX_UNIT_COLUMNS if c in units.columns), "filing_status",
         "adjusted_gross_income", "eitc", *(f"{variable}_reported" for variable in QRF_IMPUTED),
     ]]
 
@@ -363,6 +388,7 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
     with atomic_path(out_path) as tmp:
         with open_for_write(tmp) as handle:
             handle.attrs["seed"] = config.seed
+            handle.attrs["period"] = config.period
             handle.attrs["households"] = config.households
             handle.attrs["source"] = SOURCE_FILE
             handle.attrs["source_sha256"] = source_sha256
@@ -377,6 +403,8 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
         "weighted_persons": float((sample["weight"] * sample["n_persons"]).sum()),
         "states_covered": int(sample["state_fips"].nunique()),
         "agi_components_missing": len(AGI_COMPONENTS) - len(present),
+        "period": config.period,
+        "mean_uprating_factor": float(np.average(units["uprating_factor"], weights=unit_weight)),
     })
     return StepResult(outputs={"dataset": out_path}, figures=figures)
 
@@ -388,4 +416,5 @@ def load_dataset(path: Path) -> Dataset:
             households=read_frame(handle["household"]),
             tax_units=read_frame(handle["tax_unit"]),
             persons=read_frame(handle["person"]),
+            period=int(handle.attrs["period"]),
         )

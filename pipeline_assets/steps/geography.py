@@ -55,6 +55,9 @@ AREA_COUNT = 488
 DISTRICT_LIST = "acs5_congressional_districts_2024.json"
 COUNTY_SHARES = "county_cd_distributions.csv"
 DISTRICT_POPULATIONS = "acs_S0101_district_2024.json.gz"
+# Census 2020 county FIPS codes (state, county name, five-digit code), as policyengine-us 2.68.0 ships
+# them (policyengine_us/data/county_fips_2020.csv.gz): the key from the shares' county names to FIPS.
+COUNTY_FIPS = "county_fips_2020.csv.gz"
 # The raw inputs the helpers below read: a step that calls them reads these.
 GEOGRAPHY_FILES = (DISTRICT_LIST, COUNTY_SHARES, DISTRICT_POPULATIONS)
 
@@ -80,7 +83,7 @@ def raw_input_sha256(names: tuple[str, ...], raw_dir: Path | None = None) -> dic
     return {name: sha256_file(raw_input(name, raw_dir)) for name in names}
 
 
-def _located(name: str, raw_dir: Path | None) -> tuple[Path, str]:
+def located_raw_input(name: str, raw_dir: Path | None) -> tuple[Path, str]:
     """(path, sha256) of a raw input: the parsed helpers below are cached by content, so a file
     changed on disk is read again instead of being answered from memory."""
     path = raw_input(name, raw_dir)
@@ -114,7 +117,7 @@ def district_geoid(state_fips: str, number: str) -> str:
 
 def districts(raw_dir: Path | None = None) -> tuple[tuple[str, str, str], ...]:
     """(code, state_fips, upstream district number) for the 436 districts, in state then number order."""
-    return _districts(*_located(DISTRICT_LIST, raw_dir))
+    return _districts(*located_raw_input(DISTRICT_LIST, raw_dir))
 
 
 @functools.lru_cache(maxsize=4)
@@ -130,7 +133,7 @@ def _districts(path: Path, _sha256: str) -> tuple[tuple[str, str, str], ...]:
 
 def district_county_shares(raw_dir: Path | None = None) -> dict[str, tuple[tuple[str, float], ...]]:
     """District code -> ((county name, population share), ...), shares summing to 1."""
-    return _district_county_shares(*_located(COUNTY_SHARES, raw_dir), districts(raw_dir))
+    return _district_county_shares(*located_raw_input(COUNTY_SHARES, raw_dir), districts(raw_dir))
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,6 +154,30 @@ def _district_county_shares(
     return normalised
 
 
+def county_name_key(name: str, state: str) -> str:
+    """The shares file's (and PolicyEngine's County enum's) name of a county: "St. Mary's County", "MD"
+    -> "ST_MARY_S_COUNTY_MD"."""
+    return f"{name.replace(' ', '_').replace('-', '_').replace('.', '').replace(chr(39), '_').strip().upper()}_{state}"
+
+
+def county_fips(raw_dir: Path | None = None) -> dict[str, str]:
+    """County name as the shares file writes it -> its five-digit FIPS code."""
+    return _county_fips(*located_raw_input(COUNTY_FIPS, raw_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _county_fips(path: Path, _sha256: str) -> dict[str, str]:
+    import gzip
+
+    with gzip.open(path, "rt", newline="", encoding="utf-8") as handle:
+        return {county_name_key(row["county_name"], row["state"]): row["county_fips"] for row in csv.DictReader(handle)}
+
+
+def district_number(code: str) -> int:
+    """AL-01 -> 1: the district's number as the release numbers it (at-large seats are 1)."""
+    return int(code.split("-")[1])
+
+
 def areas(raw_dir: Path | None = None) -> tuple[Area, ...]:
     """The 488 local areas in release order: states, districts, cities."""
     out = [Area("state", abbrev, fips) for fips, abbrev, _ in STATES]
@@ -164,7 +191,7 @@ NATIONAL = Area("national", "US", None)
 
 def district_populations(raw_dir: Path | None = None) -> dict[str, float]:
     """District code -> total population (ACS S0101, 2024 5-year)."""
-    return _district_populations(*_located(DISTRICT_POPULATIONS, raw_dir))
+    return _district_populations(*located_raw_input(DISTRICT_POPULATIONS, raw_dir))
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,6 +225,6 @@ def area_names(raw_dir: Path | None = None) -> dict[str, str]:
     seats = Counter(fips for _, fips, _ in rows)
     names = {abbrev: name for _, abbrev, name in STATES}
     for code, fips, _ in rows:
-        seat = "at-large" if seats[fips] == 1 else _ordinal(int(code.split("-")[1]))
+        seat = "at-large" if seats[fips] == 1 else _ordinal(district_number(code))
         names[code] = f"{names[STATE_ABBREV_BY_FIPS[fips]]}'s {seat} congressional district"
     return {**names, **CITY_NAMES, NATIONAL.code: "the United States"}

@@ -1,7 +1,12 @@
-"""One H5 file per local area: the household clones placed there with nonzero weight, and their people.
+"""One H5 file per local area: the household clones placed there with nonzero weight, and their
+people, as a PolicyEngine-US dataset of the release period (steps/policyengine.py).
 
-Workers load the run's inputs once (`load_area_inputs`) and then build areas one by one with
-`build_area_h5`, so the same functions serve a local process pool and remote (Modal) workers.
+Each clone is a household of its own, with the geography it was placed in; its household_id is its
+column in the calibration package (whose household_index names the sampled household it copies).
+Tax units and persons are numbered afresh in each file, so a household cloned twice into one area
+keeps its members apart. Workers load the run's inputs once (`load_area_inputs`) and then build
+areas one by one with `build_area_h5`, so the same functions serve a local process pool and remote
+(Modal) workers.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pydantic import BaseModel
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.calibration import load_package_columns
 from pipeline_assets.steps.datasets import load_dataset
-from pipeline_assets.steps.h5io import open_for_write, table_columns, write_columns
+from pipeline_assets.steps.h5io import open_for_write, table_columns
+from pipeline_assets.steps.policyengine import INPUTS_BY_ENTITY, marital_units, write_dataset
 from resources.files import atomic_path, sha256_file
 
 CLONE_GEOGRAPHY = ("district", "state", "county")
@@ -59,11 +65,13 @@ class AreaInputs:
     in proportion to the area, not to the whole sample."""
 
     households: Columns
-    members: dict[str, tuple[Columns, MemberRows]]  # HDF5 group -> (its table, rows by household)
+    members: dict[str, tuple[Columns, MemberRows]]  # entity -> (its table, rows by household)
     clones: Columns
+    clone_geography: Columns  # per clone: state_fips, county_fips, congressional_district_geoid
     local_weights: np.ndarray
     national_weights: np.ndarray
     clones_by: dict[str, dict[str, np.ndarray]]
+    period: int
 
 
 class AreaResult(BaseModel):
@@ -78,20 +86,38 @@ class AreaResult(BaseModel):
     reused_from: str | None = None  # the run whose identical file this run took instead of building it
 
 
+def clone_geography(clones: pd.DataFrame) -> Columns:
+    """Each clone's place as PolicyEngine codes it: state FIPS, five-digit county FIPS, and the
+    district as SSDD (state FIPS x 100 + the district's number, at-large seats 01)."""
+    state_fips = clones["state"].map(lambda state: int(geography.STATE_FIPS_BY_ABBREV[state])).to_numpy()
+    fips_by_county = geography.county_fips()
+    return {
+        "state_fips": state_fips,
+        "county_fips": clones["county"].map(fips_by_county).to_numpy().astype("S5"),
+        "congressional_district_geoid": state_fips * 100 + clones["district"].map(geography.district_number).to_numpy(),
+    }
+
+
 def load_area_inputs(dataset_path: Path, package_path: Path, local_weights: Path, national_weights: Path) -> AreaInputs:
     data = load_dataset(dataset_path)
     clones = load_package_columns(package_path)
     household_ids = data.households["household_id"].to_numpy()
+    # Each person's tax unit as its place among its household's tax units: a clone's persons link
+    # to the clone's own copies of them.
+    unit_rank = data.tax_units.groupby("household_id").cumcount().to_numpy()
+    persons = data.persons.assign(tax_unit_rank=unit_rank[pd.Index(data.tax_units["tax_unit_id"]).get_indexer(data.persons["tax_unit_id"])])
     return AreaInputs(
         households=table_columns(data.households),
         members={
-            group: (table_columns(frame), MemberRows.index(frame["household_id"].to_numpy(), household_ids))
-            for group, frame in (("tax_unit", data.tax_units), ("person", data.persons))
+            entity: (table_columns(frame), MemberRows.index(frame["household_id"].to_numpy(), household_ids))
+            for entity, frame in (("tax_unit", data.tax_units), ("person", persons))
         },
         clones=table_columns(clones),
+        clone_geography=clone_geography(clones),
         local_weights=np.load(local_weights),
         national_weights=np.load(national_weights),
         clones_by={name: clones.groupby(name).indices for name in CLONE_GEOGRAPHY},
+        period=data.period,
     )
 
 
@@ -111,32 +137,53 @@ def area_columns(area: geography.Area, inputs: AreaInputs) -> tuple[np.ndarray, 
     return chosen, weights[chosen]
 
 
-def _members(table: Columns, where: MemberRows, households: np.ndarray, clone_ids: np.ndarray) -> Columns:
-    """The rows of `table` belonging to each chosen clone's household, re-keyed to the clone's record id."""
-    rows, counts = where.rows(households)
-    members = {name: values[rows] for name, values in table.items()}
-    members["source_household_id"] = members["household_id"]
-    members["household_id"] = np.repeat(clone_ids, counts)
-    return members
+def area_variables(chosen: np.ndarray, weights: np.ndarray, inputs: AreaInputs) -> dict[str, np.ndarray]:
+    """The area's variables, by entity: ids and links, then the inputs of the table."""
+    households_at = inputs.clones["household_index"][chosen]
+    units, unit_where = inputs.members["tax_unit"]
+    persons, person_where = inputs.members["person"]
+    unit_rows, units_per_clone = unit_where.rows(households_at)
+    person_rows, persons_per_clone = person_where.rows(households_at)
+    first_unit = np.cumsum(units_per_clone) - units_per_clone
+    household_of_person = np.repeat(chosen, persons_per_clone)
+    role = persons["tax_unit_role_input"][person_rows].astype("S")
+    marital = marital_units(role)
+    out = {
+        "person_id": np.arange(len(person_rows)),
+        "tax_unit_id": np.arange(len(unit_rows)),
+        "spm_unit_id": chosen,
+        "family_id": chosen,
+        "marital_unit_id": np.arange(marital[-1] + 1 if len(marital) else 0),
+        "household_id": chosen,
+        "person_tax_unit_id": np.repeat(first_unit, persons_per_clone) + persons["tax_unit_rank"][person_rows],
+        "person_spm_unit_id": household_of_person,
+        "person_family_id": household_of_person,
+        "person_marital_unit_id": marital,
+        "person_household_id": household_of_person,
+    }
+    for spec in INPUTS_BY_ENTITY["person"]:
+        out[spec.variable] = role if spec.variable == "tax_unit_role_input" else persons[spec.variable][person_rows]
+    for spec in INPUTS_BY_ENTITY["tax_unit"]:
+        out[spec.variable] = units[spec.variable][unit_rows]
+    for spec in INPUTS_BY_ENTITY["spm_unit"]:
+        out[spec.variable] = inputs.households[spec.variable][households_at]
+    out["household_weight"] = weights.astype(np.float32)
+    for name, values in inputs.clone_geography.items():
+        out[name] = values[chosen]
+    return out
 
 
 def build_area_h5(area: geography.Area, inputs: AreaInputs, out_root: Path) -> AreaResult:
     chosen, weights = area_columns(area, inputs)
-    households_at = inputs.clones["household_index"][chosen]
-    households = {name: values[households_at] for name, values in inputs.households.items()}
-    households["source_household_id"] = households["household_id"]
-    households["household_id"] = chosen  # each clone is its own household record
-    households["weight"] = weights
-    for name in ("clone", *CLONE_GEOGRAPHY):
-        households[name] = inputs.clones[name][chosen]
-
+    variables = area_variables(chosen, weights, inputs)
     out_path = out_root / area.relpath
     with atomic_path(out_path) as tmp, open_for_write(tmp) as h5:
-        write_columns(h5.create_group("household"), households)
-        for group, (table, where) in inputs.members.items():
-            write_columns(h5.create_group(group), _members(table, where, households_at, chosen))
-        write_columns(h5.create_group("area"), {"code": np.array([area.code]), "kind": np.array([area.kind])})
-    population = float((households["n_persons"].astype(float) * weights).sum())
+        h5.attrs["area_code"] = np.bytes_(area.code)
+        h5.attrs["area_kind"] = np.bytes_(area.kind)
+        write_dataset(h5, inputs.period, variables)
+    # What the file holds: the weights as written (float32), over the persons of each household.
+    written = variables["household_weight"].astype(float)
+    persons = np.bincount(np.searchsorted(chosen, variables["person_household_id"]), minlength=len(chosen))
     return AreaResult(
         area=area.code,
         kind=area.kind,
@@ -144,6 +191,6 @@ def build_area_h5(area: geography.Area, inputs: AreaInputs, out_root: Path) -> A
         sha256=sha256_file(out_path),
         size_bytes=out_path.stat().st_size,
         households=len(chosen),
-        weight_sum=float(weights.sum()),
-        population=population,
+        weight_sum=float(written.sum()),
+        population=float((persons * written).sum()),
     )
