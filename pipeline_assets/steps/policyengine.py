@@ -107,7 +107,7 @@ def person_inputs(units: pd.DataFrame, persons: pd.DataFrame) -> dict[str, np.nd
 
 
 def filing_status(mars: np.ndarray) -> np.ndarray:
-    unknown = sorted(set(np.unique(mars)) - set(FILING_STATUS))
+    unknown = sorted(set(np.unique(mars).tolist()) - set(FILING_STATUS))
     if unknown:
         raise ValueError(f"MARS values {unknown}: expected one of {sorted(FILING_STATUS)}")
     return np.array([FILING_STATUS[m] for m in mars], dtype="S")
@@ -157,7 +157,7 @@ def layout_problems(path: Path, period: int) -> list[str]:
         for name in VARIABLES:
             periods = list(h5[name].keys())
             if periods != [str(period)]:
-                problems.append(f"{path.name}: {name} has periods {periods}, expected [{period!r}]")
+                problems.append(f"{path.name}: {name} has periods {periods}, expected ['{period}']")
                 continue
             arrays[name] = h5[name][str(period)][()]
     if problems:
