@@ -21,6 +21,8 @@ def test_bench_writes_its_result(bench_module, name, tmp_path, monkeypatch):
         assert result["areas"] == 489
         # building 489 area files takes more than a moment: the bench times the work, not a lazy iterator
         assert result["one_worker_s"]["median"] > 0.5 and result["two_workers_s"]["median"] > 0.2
+        assert {layout["files"] for layout in result["per_file"].values()} == {489}
+        assert result["policyengine_over_entity_tables"] > 0
     else:
         assert result["step_seconds"]["state_weights"] > 0 and result["fit_step_vs_direct_l0"]["ratio"] > 0
 

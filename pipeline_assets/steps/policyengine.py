@@ -87,6 +87,8 @@ PERSON_SOURCE_COLUMNS = tuple(dict.fromkeys(c for i in INPUTS_BY_ENTITY["person"
 PERSON_MONEY_COLUMNS = tuple(dict.fromkeys(
     c for i in INPUTS_BY_ENTITY["person"] if i.money for c in (i.head, i.spouse, i.less) if c))
 VARIABLES = (*ID_VARIABLES, *LINK_VARIABLES, *(i.variable for i in INPUTS))
+ENTITY_OF = {**{v: v.removesuffix("_id") for v in ID_VARIABLES}, **{v: "person" for v in LINK_VARIABLES},
+             **{i.variable: i.entity for i in INPUTS}}
 
 
 def person_inputs(units: pd.DataFrame, persons: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -162,12 +164,10 @@ def layout_problems(path: Path, period: int) -> list[str]:
             arrays[name] = h5[name][str(period)][()]
     if problems:
         return problems
-    entity_of = {**{v: v.removesuffix("_id") for v in ID_VARIABLES}, **{v: "person" for v in LINK_VARIABLES},
-                 **{i.variable: i.entity for i in INPUTS}}
     lengths = {entity: len(arrays[f"{entity}_id"]) for entity in ENTITIES}
     for name, values in arrays.items():
-        if len(values) != lengths[entity_of[name]]:
-            problems.append(f"{path.name}: {name} has {len(values)} values, {entity_of[name]} has {lengths[entity_of[name]]}")
+        if len(values) != lengths[ENTITY_OF[name]]:
+            problems.append(f"{path.name}: {name} has {len(values)} values, {ENTITY_OF[name]} has {lengths[ENTITY_OF[name]]}")
         if values.dtype.kind in "fi" and values.dtype.itemsize != 4:
             problems.append(f"{path.name}: {name} is {values.dtype}, expected a 32-bit type")
     for entity in ENTITIES:
