@@ -308,7 +308,7 @@ def reuse_summary(timing: StepTiming) -> str:
     return f"{text} ({parts})" if parts and timing.reuse != "reused" else text
 
 
-RELEASE_JOB_STEPS = 8  # stages.STEP_ORDER and staged_release (stages is not imported here: it loads pandas)
+RELEASE_JOB_STEPS = 9  # stages.STEP_ORDER and staged_release (stages is not imported here: it loads pandas)
 
 
 def command_status(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from dagster import Definitions, load_assets_from_modules
 
 import os
 
-from pipeline_assets import calibration, database, datasets, diagnostics, local_areas, release
+from pipeline_assets import calibration, database, datasets, diagnostics, local_areas, model_validation, release
 from pipeline_assets.checks import ALL_CHECKS
 from pipeline_assets.jobs import promote_job, release_job
 from resources.dagster_resources import (
@@ -19,7 +19,7 @@ from sensors.git_sensor import git_commit_sensor
 from sensors.run_status import release_failure_sensor, release_success_sensor
 
 defs = Definitions(
-    assets=load_assets_from_modules([database, datasets, calibration, local_areas, diagnostics, release]),
+    assets=load_assets_from_modules([database, datasets, calibration, local_areas, diagnostics, model_validation, release]),
     asset_checks=ALL_CHECKS,
     jobs=[release_job, promote_job],
     sensors=[git_commit_sensor, release_success_sensor, release_failure_sensor],

@@ -124,16 +124,17 @@ def execute_stage(
     return MaterializeResult(metadata=stage_metadata(meta, worker_environment_metadata(pool, env), record, run_dir, primary))
 
 
-def stage_asset(step: str, description: str, kinds: set[str], metadata: dict | None = None):
+def stage_asset(step: str, description: str, kinds: set[str], metadata: dict | None = None, deps: list[AssetKey] | None = None):
     """The asset of one single-output stage: partitioned by run_id, versioned by its step's source,
-    depending on the stages whose outputs its step reads; `metadata` describes its tables."""
+    depending on the stages whose outputs its step reads (`deps` where those are not one asset
+    each); `metadata` describes its tables."""
 
     @asset(
         name=step,
         partitions_def=run_ids,
         code_version=stages.CODE_VERSIONS[step],
         group_name="release",
-        deps=[AssetKey(upstream) for upstream in stages.STEP_INPUTS[step]],
+        deps=deps or [AssetKey(upstream) for upstream in stages.STEP_INPUTS[step]],
         kinds=kinds,
         description=description,
         owners=OWNERS,

@@ -39,10 +39,10 @@ PROMOTION_CODE_VERSION = code_version("pipeline_assets.promotion")
     partitions_def=run_ids,
     code_version=PROMOTION_CODE_VERSION,
     group_name="release",
-    # Every file it stages is an edge: the 488 areas, national_h5 and run_diagnostics (whose step
+    # Every file it stages is an edge: the 488 areas, national_h5, run_diagnostics and model_validation (whose steps
     # comes after the fits, so the earlier artifacts are upstream of it too). The price of the true
     # lineage: Dagster reads each edge's data version at the step's end, one query per edge.
-    deps=[*AREA_KEYS, AssetKey("run_diagnostics")],
+    deps=[*AREA_KEYS, AssetKey("run_diagnostics"), AssetKey("model_validation")],
     kinds={"folder"},
     owners=OWNERS,
     tags={"stage": "staged_release", "layer": "release"},

@@ -21,6 +21,7 @@ from pipeline_assets.steps.datasets import build_datasets
 from pipeline_assets.steps.diagnostics import write_diagnostics
 from resources.files import atomic_path
 from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
+from pipeline_assets.steps.model_validation import sampled, validate_with_model
 from pipeline_assets.steps.results import StepResult
 from pipeline_assets.code_versions import code_version
 from pipeline_assets.identity_contract import env_id, hashed_config, step_config_hash
@@ -56,6 +57,7 @@ DIAGNOSTICS = "diagnostics"
 PRIMARY_OUTPUTS = {
     **{step: ARTIFACTS[step] for step in ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights")},
     "run_diagnostics": f"{DIAGNOSTICS}/validation.csv",
+    "model_validation": f"{DIAGNOSTICS}/model_validation.json",
 }
 FIT_SCOPES = {"state_weights": "local", "national_weights": "national"}
 STEP_SOURCES = {
@@ -68,6 +70,7 @@ STEP_SOURCES = {
     "local_areas": ("pipeline_assets.steps.local_areas", "pipeline_assets.steps.h5io", "pipeline_assets.steps.policyengine",
                     "pipeline_assets.steps.geography"),
     "run_diagnostics": ("pipeline_assets.steps.diagnostics",),
+    "model_validation": ("pipeline_assets.steps.model_validation",),
 }
 CODE_VERSIONS = {step: code_version(*modules) for step, modules in STEP_SOURCES.items()}
 # The packaged raw inputs each step reads (pipeline_assets/data/raw_inputs/), declared here once: their
@@ -228,11 +231,37 @@ def run_diagnostics(store: LocalRunStore, run_id: str, config: RunConfig) -> Ste
     )
 
 
+def run_model_validation(store: LocalRunStore, run_id: str, config: RunConfig) -> StepResult:
+    """PolicyEngine-US on the configured sample of this run's area files, in the model's own
+    environment (built once, then reused by every run)."""
+    settings = config.model_validation
+    wanted = {area.code: area for area in wanted_areas(None)}
+    codes = sampled(settings.areas, list(wanted))
+    areas = read_record(store, run_id, "local_areas")
+    files = {code: f"{H5_ROOT}/{wanted[code].relpath}" for code in codes}
+    model = None
+    if codes:  # imported where the model runs: its environment is built (once) when a run first needs it
+        from resources.model_environment import ModelEnvironment
+
+        model = ModelEnvironment.configured()
+    return validate_with_model(
+        area_files={code: store.path(store.run_key(run_id, rel)) for code, rel in files.items()},
+        release_figures={code: areas.output_figures[rel] for code, rel in files.items()},
+        db_path=artifact(store, run_id, "policy_data_db"),
+        period=config.dataset.period,
+        person_tolerance=settings.person_tolerance,
+        run_model=model and model.run,
+        environment=model and model.info,
+        out_dir=store.output_path(run_id, DIAGNOSTICS),
+    )
+
+
 RUNNERS = {
     "policy_data_db": run_database,
     "source_datasets": run_datasets,
     "calibration_package": run_calibration_package,
     "run_diagnostics": run_diagnostics,
+    "model_validation": run_model_validation,
 }
 
 

@@ -11,6 +11,7 @@ STEP_ORDER = (
     "national_weights",
     "local_areas",
     "run_diagnostics",
+    "model_validation",
 )
 STEP_INPUTS = {
     "policy_data_db": (),
@@ -20,4 +21,5 @@ STEP_INPUTS = {
     "national_weights": ("calibration_package",),
     "local_areas": ("source_datasets", "calibration_package", "state_weights", "national_weights"),
     "run_diagnostics": ("calibration_package", "state_weights", "national_weights"),
+    "model_validation": ("policy_data_db", "local_areas"),
 }

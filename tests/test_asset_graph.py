@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL_INPUTS = {AssetKey("source_datasets"), AssetKey("calibration_package"), AssetKey("state_weights")}
 NATIONAL_INPUTS = {AssetKey("source_datasets"), AssetKey("calibration_package"), AssetKey("national_weights")}
 AL_01 = AssetKey(["districts", "AL_01"])
-STAGES = ["policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics"]
+STAGES = ["policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics",
+          "model_validation"]
+UNCHECKED = {"three areas"}  # the area files are verified by national_h5's all_areas_present
 SELECTIONS = {
     **{stage: {AssetKey(stage)} for stage in STAGES},
     "national_h5": {NATIONAL_KEY},
@@ -53,12 +55,13 @@ def test_each_area_depends_on_what_its_fit_reads():
     assert AL_01 not in graph.get(AssetKey("national_weights")).child_keys
 
 
-def test_staged_release_depends_on_every_area_and_the_diagnostics():
-    assert parents(AssetKey("staged_release")) == {*AREA_KEYS, AssetKey("run_diagnostics")}
+def test_staged_release_depends_on_every_area_the_diagnostics_and_the_models_check():
+    assert parents(AssetKey("staged_release")) == {*AREA_KEYS, AssetKey("run_diagnostics"), AssetKey("model_validation")}
+    assert parents(AssetKey("model_validation")) == {*AREA_KEYS, AssetKey("policy_data_db")}
     assert len(AREA_KEYS) == geography.AREA_COUNT + 1
     assert parents(AssetKey("promotion")) == {AssetKey("staged_release")}
     graph = defs.resolve_asset_graph()
-    assert graph.get(AL_01).child_keys == {AssetKey("staged_release")}
+    assert graph.get(AL_01).child_keys == {AssetKey("staged_release"), AssetKey("model_validation")}
 
 
 @pytest.mark.parametrize("name", sorted(SELECTIONS))
@@ -71,7 +74,7 @@ def test_selection_resolves_to_a_job(name, job_name):
     assert subset.asset_layer.selected_asset_keys == SELECTIONS[name]
     checks = {check.asset_key for check in subset.asset_layer.asset_graph.asset_check_keys}
     assert checks <= SELECTIONS[name]
-    assert bool(checks) == (name != "three areas")  # the area files are verified by national_h5's all_areas_present
+    assert bool(checks) == (name not in UNCHECKED)
 
 
 def check_specs():
@@ -88,7 +91,7 @@ def test_every_check_is_described_per_partition_and_subsettable():
     assert by_key["national_h5", "all_areas_present"].blocking
     assert ("staged_release", "staged_files_verified") in by_key
     # a handful per stage and none per area: every spec is three events of every run and a status the UI polls
-    assert len(specs) == 13 and not {key for key, _ in by_key} & {key.to_user_string() for key in AREA_KEYS if key != NATIONAL_KEY}
+    assert len(specs) == 14 and not {key for key, _ in by_key} & {key.to_user_string() for key in AREA_KEYS if key != NATIONAL_KEY}
 
 
 def test_blocking_area_check_gates_staged_release():
@@ -96,7 +99,7 @@ def test_blocking_area_check_gates_staged_release():
     job = defs.resolve_job_def(RELEASE_JOB)
     (inputs,) = [inputs for node, inputs in job.graph.dependencies.items() if node.name == "staged_release"]
     upstream = {dep.node for dependency in inputs.values() for dep in dependency.get_node_dependencies()}
-    assert upstream == {"local_areas", "run_diagnostics", "release_integrity"}
+    assert upstream == {"local_areas", "run_diagnostics", "model_validation", "release_integrity"}
 
 
 def test_every_asset_has_owners_and_tags():
@@ -183,10 +186,10 @@ def test_webserver_shows_the_edges(tmp_path):
             except (OSError, TypeError, KeyError):
                 assert time.monotonic() < deadline, "the webserver did not answer within 180 s"
                 time.sleep(1)
-        assert dependencies == LOCAL_INPUTS and dependents == {AssetKey("staged_release")}
-        assert edges(port, NATIONAL_KEY) == (NATIONAL_INPUTS, {AssetKey("staged_release")})
+        assert dependencies == LOCAL_INPUTS and dependents == {AssetKey("staged_release"), AssetKey("model_validation")}
+        assert edges(port, NATIONAL_KEY) == (NATIONAL_INPUTS, {AssetKey("staged_release"), AssetKey("model_validation")})
         staged_inputs, staged_outputs = edges(port, AssetKey("staged_release"))
-        assert staged_inputs == {*AREA_KEYS, AssetKey("run_diagnostics")} and staged_outputs == {AssetKey("promotion")}
+        assert staged_inputs == {*AREA_KEYS, AssetKey("run_diagnostics"), AssetKey("model_validation")} and staged_outputs == {AssetKey("promotion")}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

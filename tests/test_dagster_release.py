@@ -22,6 +22,7 @@ from tests.test_lineage import assert_every_step_reported
 ENV_FIELDS = ["python_version", "library_versions", "os", "kernel", "architecture", "cpu_model", "cpu_count",
               "cloud_region", "compute_pool", "hostname", "container_image_digest", "container_image_reason"]
 CODE = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
+MODEL_SAMPLE = {"AL": ["states", "AL"], "AL-01": ["districts", "AL_01"], "NYC": ["cities", "NYC"]}
 
 
 def latest(instance: DagsterInstance, key: AssetKey, run_id: str):
@@ -32,8 +33,9 @@ def latest(instance: DagsterInstance, key: AssetKey, run_id: str):
 def test_release_job_end_to_end(tmp_path):
     store = LocalRunStore(tmp_path / "store")
     with instance_for_test(temp_dir=str(tmp_path), overrides=shipped_settings()) as instance:
-        outcome = launch_release(store, instance, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA,
-                                 lineage={"transport": "file"})
+        # With the model's check on its default sample: the real model, in its own environment, in the job.
+        config = config_for_scale("tiny", model_validation={"areas": list(MODEL_SAMPLE)})
+        outcome = launch_release(store, instance, config, CODE, running_sha=PINNED_SHA, lineage={"transport": "file"})
         assert outcome.success and outcome.failed_checks == []
         run_id = outcome.meta.run_id
         assert outcome.meta.status is RunStatus.completed
@@ -48,7 +50,7 @@ def test_release_job_end_to_end(tmp_path):
 
         keys = defs.resolve_job_def("release").asset_layer.selected_asset_keys
         staged = latest(instance, AssetKey("staged_release"), run_id)
-        assert staged["files"].value == 489 + 8  # areas, national, 4 artifacts, 3 diagnostics, the TRO
+        assert staged["files"].value == 489 + 10  # areas, national, 4 artifacts, 3 diagnostics, the model's 2, the TRO
         assert latest(instance, AssetKey("promotion"), run_id) is None  # promotion is never automatic
         for key in keys - {AssetKey("staged_release")}:
             metadata = latest(instance, key, run_id)
@@ -67,6 +69,11 @@ def test_release_job_end_to_end(tmp_path):
         assert 1 <= fit["threads"].value <= usable_cores()  # the two fits run at once: a share, then all
         area = latest(instance, AssetKey(["districts", "AL_01"]), run_id)
         assert area["households"].value > 0 and isinstance(area["weight_sum"].value, float)
+        model = latest(instance, AssetKey("model_validation"), run_id)
+        assert model["areas_checked"].value == 3
+        for code, key in MODEL_SAMPLE.items():  # the model counts the persons the release weighted
+            assert model[f"{code}_persons"].value == pytest.approx(latest(instance, AssetKey(key), run_id)["population"].value, rel=1e-4)
+            assert model[f"{code}_income_tax"].value > 0 and model[f"{code}_eitc"].value > 0
 
         evaluations = [
             e.dagster_event.asset_check_evaluation_data
@@ -75,7 +82,7 @@ def test_release_job_end_to_end(tmp_path):
         names = {(ev.asset_key.to_user_string(), ev.check_name) for ev in evaluations}
         assert ("national_h5", "all_areas_present") in names and ("state_weights", "calibration_quality") in names
         assert ("state_weights", "calibration_error_vs_class_history") in names  # no history yet: passes
-        assert len(names) == 13 and all(ev.passed for ev in evaluations)
+        assert len(names) == 14 and all(ev.passed for ev in evaluations)
         areas = next(ev for ev in evaluations if ev.check_name == "all_areas_present")
         assert areas.metadata["files_verified"].value == 489
         assert_every_step_reported(store, run_id)  # OpenLineage events from the step processes

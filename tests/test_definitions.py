@@ -7,7 +7,8 @@ from pipeline_assets.checks import ALL_CHECKS
 from pipeline_assets.steps import geography
 
 RELEASE = ["staged_release", "promotion"]
-STAGES = ["policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics"]
+STAGES = ["policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights", "run_diagnostics",
+          "model_validation"]
 
 
 def test_asset_keys_and_groups():

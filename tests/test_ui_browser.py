@@ -27,7 +27,7 @@ from tests.ui_browser import (
 )
 
 STAGE_ASSETS = ["policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights",
-                "national_h5", "run_diagnostics", "staged_release"]
+                "national_h5", "run_diagnostics", "model_validation", "staged_release"]
 AREAS = ["districts/AL_01", "states/AK", "cities/NYC"]
 AREA_INPUTS = ["source_datasets", "calibration_package", "state_weights"]
 NOT_AREA_INPUTS = ["policy_data_db", "national_weights", "national_h5"]

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline_assets.steps import geography
 from pipeline_assets.steps.uprating import check_period
 
 
@@ -72,6 +73,27 @@ class AreaConfig(StepConfig):
     workers: int = Field(2, ge=1)
 
 
+class ModelValidationConfig(StepConfig):
+    """PolicyEngine-US run on a sample of the area files before the release is staged."""
+
+    # Area codes (AL, AL-01, NYC, US) or "all"; empty: the model is not run and the record says so.
+    areas: tuple[str, ...] | Literal["all"] = ("AL", "AL-01", "NYC")
+    # How far the model's person count may be from the release's weighted population (relative):
+    # the file holds float32 weights, which the model sums in float32.
+    person_tolerance: float = Field(1e-4, gt=0)
+
+    @field_validator("areas")
+    @classmethod
+    def _known(cls, areas):
+        if areas == "all":
+            return areas
+        known = {area.code for area in (*geography.areas(), geography.NATIONAL)}
+        unknown = sorted(set(areas) - known)
+        if unknown:
+            raise ValueError(f"unknown area codes {unknown}: expected codes of the release (AL, AL-01, NYC, US, ...) or 'all'")
+        return areas
+
+
 class QualityConfig(StepConfig):
     """Thresholds of the calibration-quality checks on both fits: absolute limits (blocking), and how
     far a fit may fall behind its provenance class's history before a warning (non-blocking)."""
@@ -97,12 +119,16 @@ class RunConfig(StepConfig):
     local_fit: FitConfig = FitConfig(scope="local")
     national_fit: FitConfig = FitConfig(scope="national")
     areas: AreaConfig = AreaConfig()
+    model_validation: ModelValidationConfig = ModelValidationConfig()
     quality: QualityConfig = QualityConfig()
 
 
 SCALES: dict[str, dict] = {
+    # The tests' scale: runs there leave the model out unless a test asks for it (an import of
+    # policyengine-us alone takes half a minute).
     "tiny": {
         "dataset": {"households": 2000, "qrf_donors": 400, "qrf_trees": 10},
+        "model_validation": {"areas": []},
         "calibration": {"clones": 5},
         "local_fit": {"scope": "local", "epochs": 150},
         "national_fit": {"scope": "national", "epochs": 150},
