@@ -278,7 +278,12 @@ class ModelEnvironment(BaseModel):
                                   capture_output=True, text=True, timeout=timeout, env=environment)
         except subprocess.TimeoutExpired as exc:
             raise ModelEnvironmentError(f"the model runner ran past {timeout} s on {len(paths)} area files") from exc
-        lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        lines = []
+        for line in done.stdout.splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:  # the last line of a runner killed while writing it
+                pass
         ready = next((line for line in lines if line["kind"] == "ready"), None)
         if ready is None:
             raise ModelEnvironmentError(f"the model runner failed before its first area (exit {done.returncode}): "
