@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export PIPELINE_STORE ?= $(CURDIR)/.pipeline-data
 
-.PHONY: venv demo test bench ui production-instance production clean-venv pipeline-auto pipeline-status pipeline-promote pipeline-resume pipeline-clean
+.PHONY: venv model-env demo test bench ui production-instance production clean-venv pipeline-auto pipeline-status pipeline-promote pipeline-resume pipeline-clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# PolicyEngine-US's own virtualenv (it needs pandas >= 3, this venv pandas < 3), built once per lock and
+# interpreter under $$PIPELINE_MODEL_ENVS or ~/.cache/usdata-pipeline/model-envs; instant once built.
+model-env: $(STAMP)
+	$(PY) -m resources.model_environment build
 
 demo: $(STAMP)
 	$(VENV)/bin/usdata-pipeline run
@@ -26,7 +31,7 @@ TEST_WORKERS ?= 2
 # for them (16 GB available), as SQLite's commits there cost no disk flush; removed when the tests
 # pass, kept for a look when one fails (the next `make test` clears them). TEST_TMP= keeps pytest's own.
 TEST_TMP ?= $(shell awk '/^MemAvailable/ { if ($$2 > 16000000) print "/dev/shm/usdata-pipeline-tests" }' /proc/meminfo 2>/dev/null)
-test: $(STAMP)
+test: $(STAMP) model-env
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(if $(TEST_TMP),--basetemp=$(TEST_TMP))
 	$(if $(TEST_TMP),rm -rf $(TEST_TMP))
 

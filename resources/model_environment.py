@@ -1,0 +1,329 @@
+"""The PolicyEngine-US model environment: a virtualenv of its own, built once from a lock file.
+
+policyengine-us 2.68.0 needs pandas >= 3 and the project's dagster-gcp pandas < 3, so the model cannot
+be imported in the project's venv. It lives in a virtualenv of the lock's exact pins, in a directory
+named for what defines it (`env_id`: the lock's bytes and the interpreter), shared by every run and
+configuration on the machine; the project talks to it through `model_runner.py` over JSON.
+
+`python -m resources.model_environment build` builds it (what `make model-env` runs);
+`python -m resources.model_environment run --period 2024 FILE...` computes on area files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_LOCK = Path(__file__).resolve().parents[1] / "pipeline_assets" / "data" / "model_environment" / "requirements.lock"
+RUNNER = Path(__file__).resolve().with_name("model_runner.py")
+ROOT_VARIABLE = "PIPELINE_MODEL_ENVS"
+RECORD = "environment.json"  # written last, inside the build directory: its presence is "built"
+BUILD_LOG = "build.log"
+# The versions recorded for provenance (the python version is recorded as well).
+TRACKED_LIBRARIES = ("policyengine-us", "policyengine-core", "numpy", "pandas", "h5py", "tables")
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
+# Run by the interpreter in question, so env_id names what the environment is built on, not the
+# path it was reached by.
+_INTERPRETER_PROBE = (
+    "import json, platform, sysconfig; print(json.dumps({'implementation': platform.python_implementation(), "
+    "'version': platform.python_version(), 'platform': sysconfig.get_platform(), 'libc': ' '.join(platform.libc_ver())}))"
+)
+_INSTALLED_PROBE = (
+    "import json, platform; from importlib import metadata; print(json.dumps({'python': platform.python_version(), "
+    "'distributions': {d.metadata['Name']: d.version for d in metadata.distributions()}}))"
+)
+
+
+class ModelEnvironmentError(RuntimeError):
+    """The environment could not be built or run; the message is one line naming the step."""
+
+
+class Interpreter(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    implementation: str
+    version: str
+    platform: str
+    libc: str
+
+
+class EnvironmentRecord(BaseModel):
+    """What was built, for provenance: written as environment.json inside the environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    env_id: str
+    path: str
+    lock_sha256: str
+    interpreter: Interpreter
+    python_version: str
+    library_versions: dict[str, str | None]
+    built_at: str
+    build_seconds: float
+
+
+class AreaResult(BaseModel):
+    """The model's weighted totals over one area file, or why it could not compute them."""
+
+    path: str
+    persons: float | None = None
+    households: float | None = None
+    income_tax: float | None = None
+    eitc: float | None = None
+    snap: float | None = None
+    household_net_income: float | None = None
+    load_seconds: float | None = None
+    compute_seconds: float | None = None
+    unknown_variables: list[str] = []  # in the file but not the model's: the model ignores them
+    error: str | None = None
+
+
+class ModelRun(BaseModel):
+    env_id: str
+    period: int
+    import_seconds: float
+    library_versions: dict[str, str | None]
+    areas: list[AreaResult]
+
+
+def default_root() -> Path:
+    """$PIPELINE_MODEL_ENVS, else the user's cache directory: one environment per machine, not per checkout."""
+    if os.environ.get(ROOT_VARIABLE):
+        return Path(os.environ[ROOT_VARIABLE]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "usdata-pipeline" / "model-envs"
+
+
+def parse_lock(text: str, where: Path) -> dict[str, str]:
+    """The lock's pins by normalized name; a line that is not `name==version` is refused."""
+    pins = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = PIN.match(line)
+        if match is None:
+            raise ModelEnvironmentError(f"line {number} of {where} is not name==version: {line!r}")
+        pins[normalize(match[1])] = match[2]
+    return pins
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter(python: str) -> Interpreter:
+    try:
+        done = subprocess.run([python, "-c", _INTERPRETER_PROBE], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ModelEnvironmentError(f"interpreter {python!r} does not run: {_last_line(str(exc))}") from None
+    return Interpreter.model_validate_json(done.stdout)
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """An exclusive lock on `path` (fcntl): one process builds, the others wait and then reuse its build."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _last_line(output: str) -> str:
+    """pip's last ERROR line (it names the package), else the output's last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+class ModelEnvironment(BaseModel):
+    """The virtualenv at `<root>/<env_id>`, built from `lock` on `python` by `installer` (a pip that
+    takes `--python`; tests inject a fake one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lock: Path = DEFAULT_LOCK
+    root: Path = Field(default_factory=default_root)
+    python: str = sys.executable
+    installer: tuple[str, ...] = (sys.executable, "-m", "pip")
+
+    def lock_bytes(self) -> bytes:
+        try:
+            return self.lock.read_bytes()
+        except OSError:
+            raise ModelEnvironmentError(f"no model environment lock file at {self.lock}") from None
+
+    def env_id(self) -> str:
+        """sha256 of the lock's bytes and the interpreter's implementation, version and platform:
+        everything the environment's contents follow from (pins are exact and installed without a
+        resolver)."""
+        identity = {"lock_sha256": hashlib.sha256(self.lock_bytes()).hexdigest(),
+                    "interpreter": interpreter(self.python).model_dump()}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.env_id()
+
+    @property
+    def env_python(self) -> Path:
+        """The environment's interpreter: the only way in. Console scripts in its bin/ carry the build
+        directory's path in their shebangs, which the final rename leaves behind."""
+        return self.path / "bin" / "python"
+
+    def built(self) -> EnvironmentRecord | None:
+        try:
+            return EnvironmentRecord.model_validate_json((self.path / RECORD).read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def ensure(self) -> EnvironmentRecord:
+        """The built environment, building it first if there is none. Reusing one runs no installer
+        and downloads nothing."""
+        record = self.built()
+        if record is not None:
+            return record
+        env_id = self.env_id()
+        self.root.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.root / f".{env_id}.lock"):
+            record = self.built()  # another process may have built it while this one waited
+            if record is not None:
+                return record
+            return self._build(env_id)
+
+    def _build(self, env_id: str) -> EnvironmentRecord:
+        """Builds in a sibling directory and renames it into place: a crashed build leaves only a
+        `.building-*` directory, which is not the environment and is removed by the next build."""
+        started = time.monotonic()
+        pins = parse_lock(self.lock_bytes().decode(), self.lock)
+        for stale in self.root.glob(f".{env_id}.building-*"):  # a crashed build's (its pip may live on)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = self.root / f".{env_id}.building-{os.getpid()}"
+        log = self.root / f"{env_id}.{BUILD_LOG}"
+        python = str(staging / "bin" / "python")
+        try:
+            with open(log, "w") as out:
+                self._step(out, log, "creating the virtualenv", [self.python, "-m", "venv", "--without-pip", str(staging)])
+                self._step(out, log, f"pip install --no-deps -r {self.lock}",
+                           [*self.installer, "--python", python, "install", "--no-deps", "--no-input",
+                            "--disable-pip-version-check", "-r", str(self.lock)])
+                self._step(out, log, "pip check (the lock misses a dependency)",
+                           [*self.installer, "--python", python, "check"])
+                installed = json.loads(self._step(out, log, "reading the installed versions", [python, "-c", _INSTALLED_PROBE]))
+            versions = {normalize(name): version for name, version in installed["distributions"].items()}
+            differences = sorted(f"{name} {versions.get(name)} (lock: {pins.get(name)})"
+                                 for name in set(pins) | set(versions) if pins.get(name) != versions.get(name))
+            if differences:
+                raise ModelEnvironmentError(f"model environment {env_id[:12]}: the installed set differs from "
+                                            f"{self.lock}: {', '.join(differences)}")
+            record = EnvironmentRecord(
+                env_id=env_id, path=str(self.root / env_id), lock_sha256=hashlib.sha256(self.lock_bytes()).hexdigest(),
+                interpreter=interpreter(self.python), python_version=installed["python"],
+                library_versions={name: versions.get(name) for name in TRACKED_LIBRARIES},
+                built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                build_seconds=round(time.monotonic() - started, 1),
+            )
+            os.replace(log, staging / BUILD_LOG)
+            (staging / RECORD).write_text(record.model_dump_json(indent=2) + "\n")
+            final = self.root / env_id
+            if final.exists():  # a directory without a readable record is not a built environment
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            return record
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _step(self, out, log: Path, step: str, command: list[str]) -> str:
+        """One build step, its output appended to the build log; its stdout, or a one-line error."""
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out.write(done.stdout + done.stderr)
+        out.flush()
+        if done.returncode != 0:
+            raise ModelEnvironmentError(f"model environment build failed at {step} (exit {done.returncode}): "
+                                        f"{_last_line(done.stdout + done.stderr)} (log: {log})")
+        return done.stdout
+
+    def run(self, areas: Sequence[str | Path], period: int, timeout: float | None = None) -> ModelRun:
+        """The model's totals for each area file, one runner process for all of them (the model is
+        imported once). A file the model cannot load is an error in its own result; so is every area
+        after the runner died, if it does."""
+        if isinstance(period, bool) or not isinstance(period, int) or not 1000 <= period <= 9999:
+            raise ValueError(f"period {period!r} is not a year")
+        if isinstance(areas, (str, Path)) or not areas:
+            raise ValueError(f"areas {areas!r}: expected a non-empty list of area file paths")
+        paths = [str(Path(area).resolve()) for area in areas]
+        record = self.ensure()
+        environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        environment["HF_HUB_OFFLINE"] = "1"  # the model reads the files given; it downloads nothing
+        try:
+            done = subprocess.run([str(self.env_python), str(RUNNER)], input=json.dumps({"period": period, "areas": paths}),
+                                  capture_output=True, text=True, timeout=timeout, env=environment)
+        except subprocess.TimeoutExpired as exc:
+            raise ModelEnvironmentError(f"the model runner ran past {timeout} s on {len(paths)} area files") from exc
+        lines = []
+        for line in done.stdout.splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:  # the last line of a runner killed while writing it
+                pass
+        ready = next((line for line in lines if line["kind"] == "ready"), None)
+        if ready is None:
+            raise ModelEnvironmentError(f"the model runner failed before its first area (exit {done.returncode}): "
+                                        f"{_last_line(done.stderr)}")
+        results = {line["path"]: AreaResult.model_validate(line) for line in lines if line["kind"] == "area"}
+        died = f"the model runner exited with code {done.returncode} before this area: {_last_line(done.stderr)}"
+        return ModelRun(env_id=record.env_id, period=period, import_seconds=ready["import_seconds"],
+                        library_versions=ready["library_versions"],
+                        areas=[results.get(path) or AreaResult(path=path, error=f"{path}: {died}") for path in paths])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resources.model_environment", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, help=f"where environments live (default ${ROOT_VARIABLE} or {default_root()})")
+    parser.add_argument("--lock", type=Path, default=DEFAULT_LOCK)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="build the environment unless it exists")
+    run = commands.add_parser("run", help="compute the model's totals on area files (JSON on stdout)")
+    run.add_argument("--period", type=int, required=True)
+    run.add_argument("areas", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    environment = ModelEnvironment(lock=args.lock, **({"root": args.root} if args.root else {}))
+    try:
+        if args.command == "build":
+            reused = environment.built() is not None
+            started = time.monotonic()
+            record = environment.ensure()
+            versions = ", ".join(f"{name} {version}" for name, version in record.library_versions.items())
+            how = "reused" if reused else f"built in {time.monotonic() - started:.0f} s"
+            print(f"model environment {record.env_id[:12]} at {record.path}: {how} (python {record.python_version}, {versions})")
+        else:
+            print(environment.run(args.areas, args.period).model_dump_json(indent=2))
+    except ValueError as exc:
+        print(f"model-environment: error: {exc}", file=sys.stderr)
+        return 2
+    except ModelEnvironmentError as exc:
+        print(f"model-environment: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
