@@ -21,7 +21,7 @@ from pipeline_assets.steps.datasets import build_datasets
 from pipeline_assets.steps.diagnostics import write_diagnostics
 from resources.files import atomic_path
 from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
-from pipeline_assets.steps.model_validation import sampled, validate_with_model
+from pipeline_assets.steps.model_validation import ModelEnvironmentInfo, ModelFigures, sampled, validate_with_model
 from pipeline_assets.steps.results import StepResult
 from pipeline_assets.code_versions import code_version
 from pipeline_assets.identity_contract import env_id, hashed_config, step_config_hash
@@ -231,27 +231,30 @@ def run_diagnostics(store: LocalRunStore, run_id: str, config: RunConfig) -> Ste
     )
 
 
+def policyengine_us(paths: list[Path], period: int) -> tuple[ModelEnvironmentInfo, list[ModelFigures]]:
+    """The model in its own environment (built once per machine, then reused by every run)."""
+    from resources.model_environment import ModelEnvironment  # the model's step only
+
+    run = ModelEnvironment().run(paths, period)
+    environment = ModelEnvironmentInfo(env_id=run.env_id, libraries={name: version for name, version in
+                                                                     run.library_versions.items() if version})
+    return environment, [ModelFigures.model_validate(area.model_dump()) for area in run.areas]
+
+
 def run_model_validation(store: LocalRunStore, run_id: str, config: RunConfig) -> StepResult:
-    """PolicyEngine-US on the configured sample of this run's area files, in the model's own
-    environment (built once, then reused by every run)."""
+    """PolicyEngine-US on the configured sample of this run's area files."""
     settings = config.model_validation
     wanted = {area.code: area for area in wanted_areas(None)}
     codes = sampled(settings.areas, list(wanted))
     areas = read_record(store, run_id, "local_areas")
     files = {code: f"{H5_ROOT}/{wanted[code].relpath}" for code in codes}
-    model = None
-    if codes:  # imported where the model runs: its environment is built (once) when a run first needs it
-        from resources.model_environment import ModelEnvironment
-
-        model = ModelEnvironment.configured()
     return validate_with_model(
         area_files={code: store.path(store.run_key(run_id, rel)) for code, rel in files.items()},
         release_figures={code: areas.output_figures[rel] for code, rel in files.items()},
         db_path=artifact(store, run_id, "policy_data_db"),
         period=config.dataset.period,
         person_tolerance=settings.person_tolerance,
-        run_model=model and model.run,
-        environment=model and model.info,
+        run_model=policyengine_us,
         out_dir=store.output_path(run_id, DIAGNOSTICS),
     )
 

@@ -86,6 +86,7 @@ class AreaResult(BaseModel):
     income_tax: float | None = None
     eitc: float | None = None
     snap: float | None = None
+    snap_households: float | None = None
     household_net_income: float | None = None
     load_seconds: float | None = None
     compute_seconds: float | None = None

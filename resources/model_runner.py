@@ -80,6 +80,9 @@ def area_result(microsimulation, path: str, period: int) -> dict:
             result[name] = float(simulation.calculate(variable, period).sum())
         except Exception as exc:
             return {**result, "error": f"{path}: the model cannot compute {variable}: {first_line(exc)}"}
+    # SNAP households: the weight of the SPM units the model gives any SNAP (the targets count households).
+    snap = simulation.calculate("snap", period)
+    result["snap_households"] = float(snap.weights[snap.values > 0].sum())
     result["compute_seconds"] = round(time.perf_counter() - started, 3)
     return result
 

@@ -31,11 +31,11 @@ def release_figures(store, meta) -> dict:
     return {code: figures[f"{stages.H5_ROOT}/{rel}"] for code, rel in SAMPLE.items()}
 
 
-def validate(tiny_release, out_dir, run_model, environment=lambda: ENVIRONMENT):
+def validate(tiny_release, out_dir, run_model):
     store, meta, _ = tiny_release
     return validate_with_model(
         sample_files(store, meta), release_figures(store, meta), stages.artifact(store, meta.run_id, "policy_data_db"),
-        meta.config["dataset"]["period"], 1e-4, run_model, environment, out_dir,
+        meta.config["dataset"]["period"], 1e-4, run_model, out_dir,
     )
 
 
@@ -45,9 +45,10 @@ def agreeing(tiny_release):
     by_path = {str(path): ours[code] for code, path in sample_files(*tiny_release[:2]).items()}
 
     def run(paths, period):
-        return [ModelFigures(path=str(p), persons=by_path[str(p)]["population"], households=by_path[str(p)]["weight_sum"],
-                             income_tax=1.0, eitc=2.0, snap=3.0, snap_households=4.0, household_net_income=5.0)
-                for p in paths]
+        return ENVIRONMENT, [ModelFigures(path=str(p), persons=by_path[str(p)]["population"],
+                                          households=by_path[str(p)]["weight_sum"], income_tax=1.0, eitc=2.0, snap=3.0,
+                                          snap_households=4.0, household_net_income=5.0)
+                             for p in paths]
     return run
 
 
@@ -67,21 +68,23 @@ def test_a_file_the_model_cannot_load_or_a_wrong_count_fails_the_step_after_reco
     good = agreeing(tiny_release)
 
     def broken(paths, period):
-        found = good(paths, period)
+        environment, found = good(paths, period)
         found[0] = ModelFigures(path=found[0].path, error="Missing person_id column")
+        found[1] = found[1].model_copy(update={"unknown_variables": ["employment_income_before_lsr"]})
         found[2] = found[2].model_copy(update={"persons": found[2].persons * 1.01})
-        return found
+        return environment, found
 
-    with pytest.raises(ModelValidationFailed, match="model validation failed on 2 of 3 areas: AL: the model could not "
+    with pytest.raises(ModelValidationFailed, match="model validation failed on 3 of 3 areas: AL: the model could not "
                                                     "load or compute AL.h5: Missing person_id column"):
         validate(tiny_release, tmp_path, broken)
     record = json.loads((tmp_path / "model_validation.json").read_text())
-    assert len(record["failures"]) == 2 and record["failures"][1].startswith("NYC: the model counts ")
+    assert record["failures"][1] == "AL-01: the model does not know the variables ['employment_income_before_lsr'] of AL-01.h5"
+    assert len(record["failures"]) == 3 and record["failures"][2].startswith("NYC: the model counts ")
 
 
 def test_an_empty_sample_runs_no_model_and_says_so(tiny_release, tmp_path):
     store, meta, _ = tiny_release
-    result = validate_with_model({}, {}, stages.artifact(store, meta.run_id, "policy_data_db"), 2024, 1e-4, None, None, tmp_path)
+    result = validate_with_model({}, {}, stages.artifact(store, meta.run_id, "policy_data_db"), 2024, 1e-4, None, tmp_path)
     record = ModelValidationRecord.model_validate_json((tmp_path / "model_validation.json").read_text())
     assert record.areas == [] and record.environment is None and result.figures == {"areas_checked": 0}
     # the tiny run itself sampled nothing: its step record says the same
@@ -90,15 +93,12 @@ def test_an_empty_sample_runs_no_model_and_says_so(tiny_release, tmp_path):
 
 def test_policyengine_us_loads_three_tiny_area_files_and_counts_what_the_release_weighted(tiny_release, tmp_path):
     """The acceptance test: the real model, in its pinned environment, on a state, a district and NYC."""
-    from resources.model_environment import ModelEnvironment
-
-    model = ModelEnvironment.configured()
-    result = validate(tiny_release, tmp_path, model.run, model.info)
+    result = validate(tiny_release, tmp_path, stages.policyengine_us)
     record = ModelValidationRecord.model_validate_json((tmp_path / "model_validation.json").read_text())
     assert record.environment.libraries["policyengine-us"] == "2.68.0"
     ours = release_figures(*tiny_release[:2])
     for code, figures in record.figures.items():
-        assert figures.error is None, code
+        assert figures.error is None and figures.unknown_variables == [], code
         assert figures.persons == pytest.approx(ours[code]["population"], rel=1e-5), code
         assert figures.households == pytest.approx(ours[code]["weight_sum"], rel=1e-5), code
         for measure in ("income_tax", "eitc", "snap"):

@@ -2,7 +2,8 @@
 them, and what it finds is set against what the release says of those areas.
 
 The model runs in an environment of its own (its pins clash with the project's), so the step takes
-it as a callable: `run_model(paths, period)` gives one `ModelFigures` per file.
+it as a callable: `run_model(paths, period)` gives the environment it ran in and one `ModelFigures`
+per file.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ModelFigures(BaseModel):
     household_net_income: float | None = None
     load_seconds: float | None = None
     compute_seconds: float | None = None
+    unknown_variables: list[str] = []  # in the file but not in the model: it would ignore them
     error: str | None = None
 
 
@@ -58,7 +60,8 @@ class ModelValidationRecord(BaseModel):
 
 
 class ModelValidationFailed(RuntimeError):
-    """The model could not load an area file, or counts other persons than the release weighted."""
+    """The model could not load an area file, ignores some of its variables, or counts other persons
+    than the release weighted."""
 
 
 def sampled(codes: Iterable[str] | str, all_codes: list[str]) -> list[str]:
@@ -87,22 +90,26 @@ def validate_with_model(
     db_path: Path,
     period: int,
     person_tolerance: float,
-    run_model: Callable[[list[Path], int], list[ModelFigures]] | None,
-    environment: Callable[[], ModelEnvironmentInfo] | None,
+    run_model: Callable[[list[Path], int], tuple[ModelEnvironmentInfo, list[ModelFigures]]] | None,
     out_dir: Path,
 ) -> StepResult:
     """Run the model on `area_files` (area code -> file), compare, write the record and the
     comparison table; raise ModelValidationFailed (after writing both) when the model could not
-    load a file or its person count is off the release's weighted population by more than
-    `person_tolerance` (relative)."""
+    load a file, does not know one of its variables, or its person count is off the release's
+    weighted population by more than `person_tolerance` (relative)."""
     codes = list(area_files)
-    found = dict(zip(codes, run_model([area_files[c] for c in codes], period))) if codes else {}
+    environment, found = None, {}
+    if codes:
+        environment, figures = run_model([area_files[c] for c in codes], period)
+        found = dict(zip(codes, figures))
     targets = targets_of(db_path, codes)
     failures, rows = [], []
     for code, figures in found.items():
         if figures.error is not None:
             failures.append(f"{code}: the model could not load or compute {area_files[code].name}: {figures.error}")
             continue
+        if figures.unknown_variables:
+            failures.append(f"{code}: the model does not know the variables {figures.unknown_variables} of {area_files[code].name}")
         ours = release_figures[code]["population"]
         if abs(figures.persons / ours - 1) > person_tolerance:
             failures.append(f"{code}: the model counts {figures.persons:,.0f} persons, the release weighted {ours:,.0f}")
@@ -118,7 +125,7 @@ def validate_with_model(
                 "model_over_target": value / target if target else None,
             })
     record = ModelValidationRecord(
-        period=period, areas=codes, environment=environment() if codes else None, figures=found, failures=failures,
+        period=period, areas=codes, environment=environment, figures=found, failures=failures,
     )
     paths = {"model_validation": out_dir / "model_validation.json", "comparison": out_dir / "model_comparison.csv"}
     write_bytes_atomic(paths["model_validation"], record.model_dump_json(indent=2).encode())
