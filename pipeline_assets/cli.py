@@ -23,6 +23,7 @@ from pipeline_assets.identity import (
 )
 from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
 from pipeline_assets.promotion import PromotionFailed
+from pipeline_assets.tro import TRO_BASE_FORM, TRO_BASE_VARIABLE, is_tro_base
 from resources.git import GitError, code_state
 from resources.ledger import LEDGER_VARIABLE, location_problem, redact
 from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
@@ -604,6 +605,7 @@ ENVIRONMENT = (
     Variable("PIPELINE_GCS_PROJECT", "a project id (6-30 of a-z 0-9 -, starting with a letter)", GCS_PROJECT.fullmatch,
              LOADS_DEFINITIONS),
     Variable("PIPELINE_HF_REPO", "a Hugging Face repo id, OWNER/NAME", HF_REPO.fullmatch, LOADS_DEFINITIONS),
+    Variable(TRO_BASE_VARIABLE, TRO_BASE_FORM, is_tro_base, EXECUTES | RELEASES),  # every TRO's @base is minted under it
     *(Variable(name, "[NAME@]sha256:<64 hex digits>", IMAGE_DIGEST.fullmatch, EXECUTES)
       for name in IMAGE_DIGEST_VARIABLES if name.startswith("PIPELINE_")),
     *(Variable(name, "one line of printable text, at most 200 characters", _label, EXECUTES)

@@ -18,7 +18,7 @@ from pipeline_assets.steps.config import RunConfig
 from resources.compute import LocalPool, mark_step_process
 from pipeline_assets.identity_contract import config_hash, env_id
 from pipeline_assets.reuse import StepRecord, read_record
-from pipeline_assets.tro import TRO_PREFIX, signer_from_environment, tro_revisions, write_tro
+from pipeline_assets.tro import TRO_PREFIX, signer_from_environment, tro_base, tro_revisions, write_tro
 from resources.git import CodeState
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import Lineage, RunState, StepRun
@@ -213,6 +213,7 @@ def run_release(
     pool = pool or LocalPool(config.areas.workers)
     ledger = ledger or configured_ledger(store.root)
     lineage = lineage or Lineage.configured(store.root)
+    tro_base()  # the TRO is written at the end: a bad @base refuses the run now
     meta = start_run(store, config, code, orchestrator=Orchestrator.current())
     run_id = meta.run_id
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Callable, TypeVar
@@ -25,11 +26,14 @@ from pipeline_assets.reuse import read_record
 from pipeline_assets.tro import (
     RELEASE_ARRANGEMENT_ID,
     TRO_NAME,
+    ModelPackage,
     VerifyReport,
     build_release_tro,
     canonical_bytes,
     located,
+    model_package,
     read_tro,
+    run_records,
     signer_from_environment,
     tro_revisions,
     verify_release,
@@ -40,7 +44,14 @@ from resources.files import link_or_copy, sha256_file, write_bytes_atomic
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import LINEAGE_DIR
 from resources.publishers import Publisher
-from resources.registry import DuplicateVersion, LocalRegistry, RegistryBackend, VersionManifest, validate_version
+from resources.registry import (
+    DuplicateVersion,
+    LocalRegistry,
+    PolicyEngineUsBuild,
+    RegistryBackend,
+    VersionManifest,
+    validate_version,
+)
 from resources.run_store import LocalRunStore, PromotionState, RunMeta, RunStatus, RunStoreError, settle_orphans, utcnow
 
 Result = TypeVar("Result")
@@ -69,6 +80,14 @@ class CleanRefused(ValueError):
 
 class PromotionFailed(RuntimeError):
     """A backend failed midway; the registry is unchanged and meta.json says what is where."""
+
+
+def policyengine_us_build(model: ModelPackage | None) -> PolicyEngineUsBuild | None:
+    """The registry's policyengine_us block, only where the model the run ran is policyengine-us
+    (its name compared as PyPI compares distribution names)."""
+    if model is None or re.sub(r"[-_.]+", "-", model.name).lower() != "policyengine-us":
+        return None
+    return PolicyEngineUsBuild(version=model.version, locked_version=model.locked_version, git_commit=model.git_sha)
 
 
 class StagingManifest(BaseModel):
@@ -186,14 +205,18 @@ def promote(
     one version, exactly one gets through and the others are refused by the checks."""
     staged = check_promotable(store, run_id, version, registry, allow_dirty)
     ledger = ledger or configured_ledger(store.root)
+    try:  # one model per release: refused, with nothing written, where the run's steps ran two
+        model = model_package(run_id, run_records(store, run_id))
+    except RunStoreError as exc:
+        raise PromotionRefused(str(exc)) from None
     files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
     release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
     if not release_tro.exists():
-        doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME)
+        doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME, model=model)
         write_bytes_atomic(release_tro, canonical_bytes(doc))
     files[RELEASE_TRO] = release_tro
     return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
-                                tro_sha256=staged.files[TRO_NAME], ledger=ledger)
+                                tro_sha256=staged.files[TRO_NAME], ledger=ledger, policyengine_us=policyengine_us_build(model))
 
 
 def publish_and_register(
@@ -207,9 +230,11 @@ def publish_and_register(
     tro_sha256: str,
     roll_back_version: str | None = None,
     ledger: GitLedger | None = None,
+    policyengine_us: PolicyEngineUsBuild | None = None,
 ) -> VersionManifest:
     """All-or-nothing: the registry entry is added only after every backend published; the ledger
-    records the version once it is registered. Callers hold the store's release lock."""
+    records the version once it is registered. Callers hold the store's release lock.
+    `policyengine_us`: the model the published files' run ran, where it is known."""
     meta = store.read_meta(run_id)
     state = PromotionState(version=version)
     results = {}
@@ -242,6 +267,7 @@ def publish_and_register(
         config_hash=meta.config_hash,
         tro_path=tro_path,
         tro_sha256=tro_sha256,
+        policyengine_us=policyengine_us,
     )
     try:
         registry.add(entry)
@@ -294,7 +320,8 @@ def rollback(
     files = {rel: source / rel for rel in sorted(listed)}
     old = versions[to_version]
     return publish_and_register(store, old.run_id, as_version, files, publishers, registry, tro_path=old.tro_path,
-                                tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger)
+                                tro_sha256=old.tro_sha256, roll_back_version=to_version, ledger=ledger,
+                                policyengine_us=old.policyengine_us)
 
 
 def release_tro_path(store: LocalRunStore, versions: dict[str, VersionManifest], version: str) -> Path:

@@ -6,6 +6,9 @@ the hashes of the raw input bytes each step read), so writing it re-hashes nothi
 the sha256 of the one before it, so a chain cannot be re-ordered or a revision swapped in unnoticed. The layout is the one tro-utils 0.5.2 reads and writes (one node in `@graph`, the
 fingerprint's hash under `trov:hash`, performances bound to arrangements through
 `trov:ArrangementBinding`), so that an independent tool agrees with us on what a run contains.
+It is also the one PolicyEngine's published TRO schema accepts (`@context` an array; `pe:emittedIn`
+and `pe:dataBuildId` on each performance) and it meets TRACE's tro-checks LINKABLE-TRO tier: an
+`@base` of its own per TRO and an `@id` on every node, so no two TROs' identifiers collide.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, computed_field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, computed_field, field_validator
 
 from pipeline_assets.identity import package_version
 from pipeline_assets.reuse import StepRecord, files_verify, read_record, rebuild_records
@@ -29,12 +33,22 @@ from pipeline_assets.steps.geography import raw_inputs_dir
 from resources.files import sha256_file
 from resources.run_store import SEALED, LocalRunStore, RunStoreError, StepTiming, utcnow
 
-CONTEXT = {
-    "trov": "https://w3id.org/trace/trov/0.1#",
-    "schema": "https://schema.org/",
-    "pe": "https://policyengine.org/trace/0.1#",
-    "rdfs": "http://www.w3.org/2000/01/rdf-schema#",
-}
+TROV = "https://w3id.org/trace/trov/0.1#"
+SCHEMA_ORG = "https://schema.org/"
+PE = "https://policyengine.org/trace/0.1#"
+RDFS = "http://www.w3.org/2000/01/rdf-schema#"
+CONTEXT = {"trov": TROV, "schema": SCHEMA_ORG, "pe": PE, "rdfs": RDFS}  # the prefixes; each TRO adds its @base
+TRO_BASE_VARIABLE = "PIPELINE_TRO_BASE"
+DEFAULT_TRO_BASE = "https://policyengine.org/usdata-pipeline/"
+# tro-checks' TRACE-JSON-LD rules for an @base (base-web-scheme, base-simple-url): http(s), a host, no
+# user info, query or fragment, path segments of letters, digits, . _ - that begin and end with a
+# letter or digit, and a final /.
+_SEGMENT = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_TRO_BASE = re.compile(rf"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{{1,5}})?/(?:{_SEGMENT}/)*")
+TRO_BASE_FORM = ("an absolute http(s) IRI naming a host, with no user, query or fragment, path segments of letters, "
+                 f"digits, '.', '_' and '-' (each beginning and ending with a letter or digit) and a final '/', e.g. {DEFAULT_TRO_BASE}")
+GITHUB_ACTIONS_VARIABLE = "GITHUB_ACTIONS"  # "true" in a GitHub Actions job
+MODEL_PACKAGE = "model_package"  # the StepRecord.environment key a step that ran a model records it under
 TRS_ID = "pe:usdata-pipeline"  # tro-utils requires a TRS @id that is an IRI outside the trov: prefix
 COMPOSITION_ID = "composition/1"
 INPUTS_ID = "arrangement/0"
@@ -55,6 +69,43 @@ MIME_TYPES = {
 }
 GPG_KEY_VARIABLE = "PIPELINE_GPG_KEY"
 
+
+class TroConfigError(ValueError):
+    """A TRO setting that would make every TRO written with it wrong; checked before a run starts."""
+
+
+def is_tro_base(value: str) -> bool:
+    return bool(_TRO_BASE.fullmatch(value))
+
+
+def tro_base() -> str:
+    """The IRI under which every TRO's own @base is minted: PIPELINE_TRO_BASE, else the project's."""
+    value = os.environ.get(TRO_BASE_VARIABLE) or DEFAULT_TRO_BASE
+    if not is_tro_base(value):
+        raise TroConfigError(f"{TRO_BASE_VARIABLE}={value!r}: expected {TRO_BASE_FORM}")
+    return value
+
+
+def _base_segment(name: str) -> str:
+    """A run_id or a version as one @base path segment: a segment cannot hold semver's '+', so it is
+    written '_', which no version holds otherwise (the mapping stays one-to-one)."""
+    return name.replace("+", "_")
+
+
+def run_tro_base(run_id: str, revision: int) -> str:
+    """Each revision of each run's TRO resolves its relative @ids against its own base."""
+    return f"{tro_base()}runs/{_base_segment(run_id)}/v{revision}/"
+
+
+def release_tro_base(version: str) -> str:
+    return f"{tro_base()}releases/{_base_segment(version)}/"
+
+
+def emitted_in() -> Literal["local", "github-actions"]:
+    """Where this TRO is being written, as PolicyEngine's schema names it: github-actions only when
+    GitHub Actions says so (GITHUB_ACTIONS=true); anything else is local."""
+    return "github-actions" if os.environ.get(GITHUB_ACTIONS_VARIABLE) == "true" else "local"
+
 Timestamp = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(), return_type=str)]
 
 
@@ -68,6 +119,7 @@ class Ref(Node):
 
 
 class Hash(Node):
+    id: str | None = Field(None, alias="@id")  # None only in TROs written before @ids on every node
     algorithm: str = Field("sha256", alias="trov:hashAlgorithm")
     value: str = Field(alias="trov:hashValue")
 
@@ -119,8 +171,22 @@ class TrustedResearchSystem(Node):
     public_key: str | None = Field(None, alias="trov:publicKey")
 
 
-class TrustedResearchPerformance(Node):
-    """One step of the run, with the runtime environment it ran in as pe: properties."""
+class ModelPackage(BaseModel):
+    """The simulation model (policyengine-us) a step ran, when known. The hook for the model's step: it
+    records `ModelPackage(...).model_dump(exclude_none=True)` in its StepRecord.environment under
+    MODEL_PACKAGE; that step's performance then names it (pe:builtWithModel*), and the release TRO
+    and the registry entry (policyengine_us) carry it on. A step that records none emits nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1)  # the distribution, e.g. policyengine-us
+    version: str = Field(min_length=1)
+    locked_version: str | None = None  # the version the model's environment pins, where it pins one
+    git_sha: str | None = None  # the model's source commit, where it was installed from git
+
+
+class Performance(Node):
+    """What PolicyEngine's schema asks of every performance: where the TRO was emitted and which data
+    build it describes (the run_id), and the model that build ran, when it ran one."""
 
     id: str = Field(alias="@id")
     type: Literal["trov:TrustedResearchPerformance"] = Field("trov:TrustedResearchPerformance", alias="@type")
@@ -128,8 +194,33 @@ class TrustedResearchPerformance(Node):
     conducted_by: Ref = Field(Ref(id=TRS_ID), alias="trov:wasConductedBy")
     started_at: Timestamp | None = Field(None, alias="trov:startedAtTime")
     ended_at: Timestamp | None = Field(None, alias="trov:endedAtTime")
-    accessed: ArrangementBinding = Field(alias="trov:accessedArrangement")
+    accessed: ArrangementBinding | None = Field(None, alias="trov:accessedArrangement")
     contributed: ArrangementBinding = Field(alias="trov:contributedToArrangement")
+    # None only in TROs written before PolicyEngine's schema was met:
+    emitted_in: Literal["local", "github-actions"] | None = Field(None, alias="pe:emittedIn")
+    data_build_id: str | None = Field(None, alias="pe:dataBuildId")
+    built_with_name: str | None = Field(None, alias="pe:builtWithModelPackageName")
+    built_with_version: str | None = Field(None, alias="pe:builtWithModelVersion")
+    built_with_git_sha: str | None = Field(None, alias="pe:builtWithModelGitSha")
+
+
+def _built_with(model: ModelPackage | None) -> dict[str, str | None]:
+    """A performance's pe:builtWithModel* fields: none where no model is known."""
+    if model is None:
+        return {}
+    return {"built_with_name": model.name, "built_with_version": model.version, "built_with_git_sha": model.git_sha}
+
+
+class PublicationPerformance(Performance):
+    """A release TRO's one performance: the promotion that published the run's files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrustedResearchPerformance(Performance):
+    """One step of the run, with the runtime environment it ran in as pe: properties."""
+
+    accessed: ArrangementBinding = Field(alias="trov:accessedArrangement")
     step: str = Field(alias="pe:step")
     code_version: str = Field(alias="pe:codeVersion")
     env_id: str = Field(alias="pe:envId")
@@ -158,7 +249,7 @@ class TransparentResearchObject(Node):
     assembled_by: TrustedResearchSystem = Field(alias="trov:wasAssembledBy")
     composition: ArtifactComposition = Field(alias="trov:hasComposition")
     arrangements: list[ArtifactArrangement] = Field(alias="trov:hasArrangement")
-    performances: list[TrustedResearchPerformance] = Field(alias="trov:hasPerformance")
+    performances: list[TrustedResearchPerformance | PublicationPerformance] = Field(alias="trov:hasPerformance")
     run_id: str = Field(alias="pe:runId")
     git_sha: str = Field(alias="pe:gitSha")
     branch: str | None = Field(None, alias="pe:branch")
@@ -171,9 +262,26 @@ class TransparentResearchObject(Node):
     previous_revision: str | None = Field(None, alias="pe:previousRevisionSha256")  # revisions 2, 3, ...
 
 
+class Context(Node):
+    """The inline @context: the prefixes, and the @base the TRO's relative @ids resolve against."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str | None = Field(None, alias="@base")  # None only in TROs written before @base was
+    trov: Literal[TROV] = TROV
+    schema_org: Literal[SCHEMA_ORG] = Field(SCHEMA_ORG, alias="schema")
+    pe: Literal[PE] = PE
+    rdfs: Literal[RDFS] = RDFS
+
+
 class TroDocument(Node):
-    context: dict[str, str] = Field(default_factory=lambda: dict(CONTEXT), alias="@context")
+    context: list[Context] = Field(alias="@context", min_length=1, max_length=1)  # an array: PolicyEngine's schema
     graph: list[TransparentResearchObject] = Field(alias="@graph", min_length=1, max_length=1)
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _one_object(cls, value):
+        """TROs written before the array read as they are."""
+        return [value] if isinstance(value, dict) else value
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -224,14 +332,15 @@ def _compose(arrangements: dict[str, tuple[str, dict[str, str]]]) -> tuple[Artif
         locations = []
         for index, (path, digest) in enumerate(files.items()):
             if digest not in artifacts:
+                artifact_id = f"{COMPOSITION_ID}/artifact/{len(artifacts)}"
                 artifacts[digest] = ResearchArtifact(
-                    id=f"{COMPOSITION_ID}/artifact/{len(artifacts)}", hash=Hash(value=digest), mime_type=mime_type(path)
+                    id=artifact_id, hash=Hash(id=f"{artifact_id}/hash", value=digest), mime_type=mime_type(path)
                 )
             locations.append(
                 ArtifactLocation(id=f"{arrangement_id}/location/{index}", artifact=Ref(id=artifacts[digest].id), path=path)
             )
         built.append(ArtifactArrangement(id=arrangement_id, comment=comment, locations=locations))
-    fingerprint = CompositionFingerprint(hash=Hash(value=composition_fingerprint(artifacts.keys())))
+    fingerprint = CompositionFingerprint(hash=Hash(id="fingerprint/hash", value=composition_fingerprint(artifacts.keys())))
     return ArtifactComposition(artifacts=list(artifacts.values()), fingerprint=fingerprint), built
 
 
@@ -239,10 +348,43 @@ def _binding(performance_id: str, index: int, arrangement_id: str) -> Arrangemen
     return ArrangementBinding(id=f"{performance_id}/binding/{index}", arrangement=Ref(id=arrangement_id))
 
 
-def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> TrustedResearchPerformance:
+def step_model(record: StepRecord) -> ModelPackage | None:
+    """The model a step recorded it ran (MODEL_PACKAGE in its environment), if any."""
+    recorded = record.environment.get(MODEL_PACKAGE)
+    if recorded is None:
+        return None
+    try:
+        return ModelPackage.model_validate(recorded)
+    except ValidationError as exc:
+        raise RunStoreError(f"step {record.step}: unreadable {MODEL_PACKAGE} in its record: "
+                            f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
+
+
+def model_package(run_id: str, records: list[StepRecord]) -> ModelPackage | None:
+    """The model the run's steps ran, if any; two different ones are refused: a release is checked
+    with one model, and naming either alone would misstate it."""
+    found: dict[ModelPackage, str] = {}
+    for record in records:
+        if (model := step_model(record)) is not None:
+            found.setdefault(model, record.step)
+    if len(found) > 1:
+        (first, step), (second, other) = list(found.items())[:2]
+        raise RunStoreError(f"run {run_id} ran two models: {first.name} {first.version} in step {step}, "
+                            f"{second.name} {second.version} in step {other}")
+    return next(iter(found), None)
+
+
+def run_records(store: LocalRunStore, run_id: str) -> list[StepRecord]:
+    """The run's step records in step order, then the backfills of a completed run."""
+    records = [record for step in STEP_ORDER if (record := read_record(store, run_id, step)) is not None]
+    return records + rebuild_records(store, run_id)
+
+
+def _performance(run_id: str, index: int, record: StepRecord, timing: StepTiming | None) -> TrustedResearchPerformance:
     """A step's performance. Steps with no upstream step read only raw inputs; the others read
     upstream files of the run. Times are the step record's (meta.json keeps only a step's latest
-    timing, which a backfill replaces)."""
+    timing, which a backfill replaces). Its data build is the run, a reused step's included: the TRO
+    vouches for the run's files."""
     env = record.environment
     performance_id = f"trp/{index}"
     versions = env.get("library_versions")
@@ -270,15 +412,18 @@ def _performance(index: int, record: StepRecord, timing: StepTiming | None) -> T
         gpu_model=env.get("gpu_model"),
         ci_git_sha=env.get("ci_git_sha"),
         ci_run_url=env.get("ci_run_url"),
+        emitted_in=emitted_in(),
+        data_build_id=run_id,
+        **_built_with(step_model(record)),
     )
 
 
-def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None, previous_revision: str | None = None) -> dict:
+def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None, previous_revision: str | None = None,
+              revision: int = 1) -> dict:
     """The run's TRO as a JSON-LD document; `public_key` (armored) is the signer's, when signing;
-    `previous_revision` the sha256 of the revision this one follows."""
+    `previous_revision` the sha256 of the revision this one follows, `revision` its number."""
     meta = store.read_meta(run_id)
-    records = [record for step in STEP_ORDER if (record := read_record(store, run_id, step)) is not None]
-    records += rebuild_records(store, run_id)  # backfills of a completed run, after its own steps
+    records = run_records(store, run_id)
     composition, arrangements = _compose({
         INPUTS_ID: ("raw inputs the steps read (paths relative to pipeline_assets/data/)", raw_inputs_of(run_id, records)),
         OUTPUTS_ID: (f"files of run {run_id} (paths relative to runs/{run_id}/)", run_files(store, run_id, records)),
@@ -290,7 +435,7 @@ def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None, 
         assembled_by=TrustedResearchSystem(name=f"usdata-pipeline {package_version()}", public_key=public_key),
         composition=composition,
         arrangements=arrangements,
-        performances=[_performance(i, r, meta.step_timings.get(r.step)) for i, r in enumerate(records)],
+        performances=[_performance(run_id, i, r, meta.step_timings.get(r.step)) for i, r in enumerate(records)],
         run_id=run_id,
         git_sha=meta.sha,
         branch=meta.branch,
@@ -300,14 +445,26 @@ def build_tro(store: LocalRunStore, run_id: str, public_key: str | None = None, 
         config_hash=meta.config_hash,
         previous_revision=previous_revision,
     )
-    return TroDocument(graph=[tro]).model_dump(mode="json", exclude_none=True)
+    return TroDocument(context=[Context(base=run_tro_base(run_id, revision))], graph=[tro]).model_dump(mode="json", exclude_none=True)
 
 
-def build_release_tro(store: LocalRunStore, run_id: str, version: str, files: dict[str, str], run_tro: str) -> dict:
+def build_release_tro(store: LocalRunStore, run_id: str, version: str, files: dict[str, str], run_tro: str,
+                      model: ModelPackage | None = None) -> dict:
     """The TRO of a release: the published files (path in the release -> sha256), pointing at the
-    TRO of the run they come from (which is itself one of the files)."""
+    TRO of the run they come from (which is itself one of the files). Its one performance is the
+    publication, started as the TRO is assembled (its end is not known yet, so none is claimed);
+    `model` is the model the run ran (model_package), as PolicyEngine's release TROs name it."""
     meta = store.read_meta(run_id)
     composition, arrangements = _compose({RELEASE_ARRANGEMENT_ID: (f"release {version} (paths relative to production/{version}/)", files)})
+    publication = PublicationPerformance(
+        id="trp/0",
+        comment=f"publication of run {run_id} as release {version}",
+        started_at=utcnow(),
+        contributed=_binding("trp/0", 0, RELEASE_ARRANGEMENT_ID),
+        emitted_in=emitted_in(),
+        data_build_id=run_id,
+        **_built_with(model),
+    )
     tro = TransparentResearchObject(
         id="release",
         name=f"usdata-pipeline release {version}",
@@ -316,7 +473,7 @@ def build_release_tro(store: LocalRunStore, run_id: str, version: str, files: di
         assembled_by=TrustedResearchSystem(name=f"usdata-pipeline {package_version()}"),
         composition=composition,
         arrangements=arrangements,
-        performances=[],
+        performances=[publication],
         run_id=run_id,
         git_sha=meta.sha,
         branch=meta.branch,
@@ -327,7 +484,7 @@ def build_release_tro(store: LocalRunStore, run_id: str, version: str, files: di
         version=version,
         run_tro=run_tro,
     )
-    return TroDocument(graph=[tro]).model_dump(mode="json", exclude_none=True)
+    return TroDocument(context=[Context(base=release_tro_base(version))], graph=[tro]).model_dump(mode="json", exclude_none=True)
 
 
 def canonical_bytes(doc: dict) -> bytes:
@@ -395,7 +552,7 @@ def write_tro(store: LocalRunStore, run_id: str, signer: GpgSigner | None = None
     signer that fails writes nothing."""
     revisions = tro_revisions(store, run_id)
     previous = sha256_file(revisions[-1]) if revisions else None
-    data = canonical_bytes(build_tro(store, run_id, signer.public_key() if signer else None, previous))
+    data = canonical_bytes(build_tro(store, run_id, signer.public_key() if signer else None, previous, len(revisions) + 1))
     signature = signer.sign(data) if signer else None
     rel = tro_name(len(revisions) + 1)
     path = store.write_run_file(run_id, rel, data)

@@ -5,6 +5,11 @@ an entry, so concurrent promotions can be refused but never lose each other's en
 file lock serialises writers; on GCS the write is conditioned on the generation that was read.
 `current` moves only to the version just added: a roll-back always, a promotion unless it is lower
 (semver precedence) than the current version, which stays current.
+
+The JSON is also what PolicyEngine's own reader (policyengine_us_data.utils.version_manifest,
+VersionRegistry.from_dict) reads: it requires `gcs` to be an object holding `bucket` and
+`generations`, so a version never uploaded to GCS is written `{"bucket": null, "generations": {}}`
+(no bucket, no object) rather than `null`, and each entry names its run as `pipeline_run_id` too.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import re
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Literal, Protocol
+from typing import Any, Iterator, Literal, Protocol
 
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from google.cloud import storage
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, computed_field, field_serializer, field_validator, model_validator
 
 from resources.files import write_bytes_atomic
 from resources.run_store import read_model
@@ -79,8 +84,27 @@ class GcsInfo(BaseModel):
     generations: dict[str, int]
 
 
+# How the JSON says a version was not uploaded to GCS: PolicyEngine's reader needs the two keys.
+NOT_UPLOADED_TO_GCS = {"bucket": None, "generations": {}}
+
+
+def _none(value: object) -> bool:
+    return value is None
+
+
+class PolicyEngineUsBuild(BaseModel):
+    """The policyengine-us a release's run ran (the block PolicyEngine's readers call policyengine_us);
+    unknown parts are left out, as PolicyEngine's own writer leaves them."""
+
+    version: str = Field(min_length=1)
+    locked_version: str | None = Field(None, exclude_if=_none)
+    git_commit: str | None = Field(None, exclude_if=_none)
+
+
 class VersionManifest(BaseModel):
-    """One release; field names follow what existing readers of such registries expect."""
+    """One release; field names follow what existing readers of such registries expect. `gcs` is None
+    where the version was not uploaded to GCS (NOT_UPLOADED_TO_GCS in the JSON); entries written
+    before that form (`"gcs": null`, no pipeline_run_id) read as they are."""
 
     version: str
     created_at: datetime
@@ -95,6 +119,33 @@ class VersionManifest(BaseModel):
     config_hash: str | None
     tro_path: str
     tro_sha256: str
+    policyengine_us: PolicyEngineUsBuild | None = Field(None, exclude_if=_none)  # None: no model version known
+
+    @computed_field
+    @property
+    def pipeline_run_id(self) -> str:
+        """The run_id under the name PolicyEngine's pipeline writes it."""
+        return self.run_id
+
+    @model_validator(mode="before")
+    @classmethod
+    def _same_run(cls, data: Any) -> Any:
+        """pipeline_run_id is written, not stored: it may only repeat run_id."""
+        if isinstance(data, dict) and "pipeline_run_id" in data:
+            data = dict(data)
+            named = data.pop("pipeline_run_id")
+            if named != data.get("run_id"):
+                raise ValueError(f"pipeline_run_id {named!r} is not the entry's run_id {data.get('run_id')!r}")
+        return data
+
+    @field_validator("gcs", mode="before")
+    @classmethod
+    def _not_uploaded(cls, value: Any) -> Any:
+        return None if value == NOT_UPLOADED_TO_GCS else value
+
+    @field_serializer("gcs")
+    def _gcs_or_not_uploaded(self, gcs: GcsInfo | None) -> dict:
+        return gcs.model_dump() if gcs is not None else dict(NOT_UPLOADED_TO_GCS)
 
 
 class Registry(BaseModel):

@@ -23,7 +23,9 @@ def shipped_settings() -> dict:
     """The settings a new $DAGSTER_HOME gets, as instance_for_test overrides: runs launch as they
     are submitted (instance_for_test's own settings queue them for a daemon no test runs)."""
     return yaml.safe_load(instance_settings())
-pytest_plugins = ["tests.gcs_emulator", "tests.postgres"]  # fixtures: the GCS emulator (gcs_endpoint, gcs_client, gcs_bucket), PostgreSQL (postgres_server, postgres_database)
+# fixtures: the GCS emulator (gcs_endpoint, gcs_client, gcs_bucket), PostgreSQL (postgres_server, postgres_database),
+# PolicyEngine's published readers (policyengine_wheel, policyengine_tro_schema, policyengine_read_registry)
+pytest_plugins = ["tests.gcs_emulator", "tests.postgres", "tests.policyengine_wheel"]
 
 
 @pytest.fixture(scope="session")
