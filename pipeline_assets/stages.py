@@ -81,6 +81,7 @@ STEP_RAW_INPUTS = {
     "source_datasets": datasets.RAW_INPUT_FILES,
     "calibration_package": (*geography.GEOGRAPHY_FILES, uprating.CPI_FILE),
     "local_areas": (geography.DISTRICT_LIST, geography.COUNTY_FIPS),
+    "model_validation": (geography.DISTRICT_LIST,),
 }
 # The slice of the hashed run configuration each reusable step depends on. The area files and the
 # diagnostics are always rebuilt: the first for any change of weights, the second records the run.
@@ -361,6 +362,7 @@ def execute_step(
         record = probe.model_copy(update={
             "outputs": hash_outputs(store, run_id, _relative(store, run_id, written)),
             "figures": result.figures,
+            "environment": {**probe.environment, **result.environment},
             "reuse": "reused" if result.reused_from else "computed",
             "reused_from": result.reused_from,
             "raw_inputs": {} if result.reused_from else probe.raw_inputs,  # a copied database read none

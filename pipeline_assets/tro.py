@@ -30,6 +30,7 @@ from pipeline_assets.identity import package_version
 from pipeline_assets.reuse import StepRecord, files_verify, read_record, rebuild_records
 from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.steps.geography import raw_inputs_dir
+from pipeline_assets.steps.results import MODEL_PACKAGE  # the StepRecord.environment key a step that ran a model records it under
 from resources.files import sha256_file
 from resources.run_store import SEALED, LocalRunStore, RunStoreError, StepTiming, utcnow
 
@@ -48,7 +49,6 @@ _TRO_BASE = re.compile(rf"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::
 TRO_BASE_FORM = ("an absolute http(s) IRI naming a host, with no user, query or fragment, path segments of letters, "
                  f"digits, '.', '_' and '-' (each beginning and ending with a letter or digit) and a final '/', e.g. {DEFAULT_TRO_BASE}")
 GITHUB_ACTIONS_VARIABLE = "GITHUB_ACTIONS"  # "true" in a GitHub Actions job
-MODEL_PACKAGE = "model_package"  # the StepRecord.environment key a step that ran a model records it under
 TRS_ID = "pe:usdata-pipeline"  # tro-utils requires a TRS @id that is an IRI outside the trov: prefix
 COMPOSITION_ID = "composition/1"
 INPUTS_ID = "arrangement/0"

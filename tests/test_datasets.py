@@ -23,7 +23,7 @@ from pipeline_assets.steps.geography import (
     raw_input,
 )
 from pipeline_assets.steps.policyengine import INPUTS_BY_ENTITY
-from pipeline_assets.steps.uprating import CPI_FILE, PeriodNotCovered, cpi_u
+from pipeline_assets.steps.uprating import CPI_FILE, CPI_YEARS, PeriodNotCovered, cpi_u
 from resources.files import sha256_file
 
 TINY = DatasetConfig(households=300, qrf_donors=400, qrf_trees=10, seed=7)
@@ -240,6 +240,7 @@ def test_the_persons_carry_every_person_input_of_the_mapping_table(built):
 
 
 def test_a_period_the_price_index_does_not_cover_is_refused_at_configuration():
+    assert (min(cpi_u()), max(cpi_u())) == CPI_YEARS and len(cpi_u()) == CPI_YEARS[1] - CPI_YEARS[0] + 1
     with pytest.raises(ValueError, match=f"period 2031: expected a year the CPI-U table {CPI_FILE} covers \\(2010-2024\\)"):
         DatasetConfig(period=2031)
     with pytest.raises(PeriodNotCovered):

@@ -57,6 +57,8 @@ def test_a_passing_check_records_every_area_and_compares_with_the_targets(tiny_r
     record = ModelValidationRecord.model_validate_json((tmp_path / "model_validation.json").read_text())
     assert record.areas == list(SAMPLE) and record.failures == [] and record.environment == ENVIRONMENT
     assert result.figures["areas_checked"] == 3 and result.figures["AL_income_tax"] == 1.0
+    assert result.environment["model_package"] == {"name": "policyengine-us", "version": "2.68.0", "locked_version": "2.68.0"}
+    assert result.environment["model_environment"]["env_id"] == "e" * 64
     comparison = pd.read_csv(tmp_path / "model_comparison.csv")
     persons = comparison[comparison["measure"] == "persons"].set_index("area")
     assert list(persons["model_over_release"]) == [1.0, 1.0, 1.0]

@@ -164,9 +164,9 @@ def test_tro_utils_reads_the_tro_and_agrees_on_fingerprint_and_files(tiny_releas
     assert set(result.files_missing_in_arrangement) == {".meta.lock", "meta.json", TRO_NAME}
     assert [m for m in result.mismatched_hashes if m[1] is not None] == []
     result = ReplicationPackage.verify(inputs, loaded.composition, raw_inputs_dir().parent)
-    # beside the raw inputs: their checksums and the vocabulary, which no step reads
+    # beside the raw inputs: their checksums, the vocabulary, and the model environment's lock (named by its env_id)
     assert result.files_missing_in_package == []
-    assert sorted(result.files_missing_in_arrangement) == [VOCABULARY.name, "raw_inputs/SHA256SUMS"]
+    assert sorted(result.files_missing_in_arrangement) == ["model_environment/requirements.lock", VOCABULARY.name, "raw_inputs/SHA256SUMS"]
     assert [m for m in result.mismatched_hashes if m[1] is not None] == []
 
     loaded.save(tmp_path / "resaved.jsonld")  # tro-utils refuses to write a TRS or capability id it deems invalid

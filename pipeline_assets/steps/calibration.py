@@ -155,7 +155,7 @@ def build_matrix(data: Dataset, targets: pd.DataFrame, columns: pd.DataFrame, ra
     feature_index = {key: k for k, key in enumerate(features.itertuples(index=False, name=None))}
     index = cpi_u(raw_dir)
     values = np.column_stack([
-        household_feature(data, v, s, index[check_period(int(year), raw_dir)] / index[data.period])
+        household_feature(data, v, s, index[check_period(int(year), index)] / index[data.period])
         for v, s, year in features.itertuples(index=False, name=None)
     ]) if len(features) else np.zeros((len(data.households), 0))
     column_values = values[columns["household_index"].to_numpy()]

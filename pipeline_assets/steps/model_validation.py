@@ -15,9 +15,11 @@ from typing import Callable, Iterable
 import pandas as pd
 from pydantic import BaseModel
 
-from pipeline_assets.steps.results import StepResult
+from pipeline_assets.steps.results import MODEL_PACKAGE, StepResult
 from resources.files import atomic_path, write_bytes_atomic
 
+MODEL = "policyengine-us"
+MODEL_ENVIRONMENT = "model_environment"  # its record's environment key for the model's own env_id and versions
 MEASURES = ("persons", "households", "income_tax", "eitc", "snap", "snap_households", "household_net_income")
 # The model's figures that the targets database has a target for: (measure, target variable).
 TARGETED = (("persons", "person_count"), ("snap_households", "household_snap_count"), ("eitc", "eitc_amount"))
@@ -138,4 +140,7 @@ def validate_with_model(
         for measure in MEASURES:
             figures[f"{code}_{measure}"] = float(getattr(result, measure))
         figures[f"{code}_model_seconds"] = float((result.load_seconds or 0) + (result.compute_seconds or 0))
-    return StepResult(outputs=paths, figures=figures)
+    # The model's version, as tro.ModelPackage has it: its environment installs exactly the lock's pins.
+    ran = {MODEL_PACKAGE: {"name": MODEL, "version": environment.libraries[MODEL], "locked_version": environment.libraries[MODEL]},
+           MODEL_ENVIRONMENT: environment.model_dump()} if environment else {}
+    return StepResult(outputs=paths, figures=figures, environment=ran)

@@ -7,12 +7,16 @@ from __future__ import annotations
 import csv
 import functools
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from pipeline_assets.steps.geography import located_raw_input
 
 CPI_FILE = "cpi_u_annual_average.csv"
+# The years the shipped table covers, for checking a configuration without opening the file (a test
+# keeps them equal to the file's; the datasets step checks the file itself).
+CPI_YEARS = (2010, 2024)
 
 
 class PeriodNotCovered(ValueError):
@@ -30,11 +34,11 @@ def _cpi_u(path: Path, _sha256: str) -> dict[int, float]:
         return {int(row["year"]): float(row["cpi_u"]) for row in csv.DictReader(handle)}
 
 
-def check_period(year: int, raw_dir: Path | None = None) -> int:
-    index = cpi_u(raw_dir)
-    if year not in index:
+def check_period(year: int, covered: Iterable[int] = range(CPI_YEARS[0], CPI_YEARS[1] + 1)) -> int:
+    covered = sorted(covered)
+    if year not in covered:
         raise PeriodNotCovered(f"period {year}: expected a year the CPI-U table {CPI_FILE} covers "
-                               f"({min(index)}-{max(index)})")
+                               f"({covered[0]}-{covered[-1]})")
     return year
 
 
@@ -42,6 +46,6 @@ def uprating_factors(survey_years: np.ndarray, period: int, raw_dir: Path | None
     """CPI-U(period) / CPI-U(survey year), one per record."""
     index = cpi_u(raw_dir)
     for year in (period, *np.unique(survey_years)):
-        check_period(int(year), raw_dir)
+        check_period(int(year), index)
     years = np.asarray(survey_years, dtype=int)
     return index[period] / np.vectorize(index.__getitem__, otypes=[float])(years)
