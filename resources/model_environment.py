@@ -131,7 +131,7 @@ def normalize(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def interpreter(python: str) -> Interpreter:
     try:
-        done = subprocess.run([python, "-c", _INTERPRETER_PROBE], capture_output=True, text=True, check=True)
+        done = subprocess.run([python, "-I", "-c", _INTERPRETER_PROBE], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise ModelEnvironmentError(f"interpreter {python!r} does not run: {_last_line(str(exc))}") from None
     return Interpreter.model_validate_json(done.stdout)
@@ -225,7 +225,7 @@ class ModelEnvironment(BaseModel):
                             "--disable-pip-version-check", "-r", str(self.lock)])
                 self._step(out, log, "pip check (the lock misses a dependency)",
                            [*self.installer, "--python", python, "check"])
-                installed = json.loads(self._step(out, log, "reading the installed versions", [python, "-c", _INSTALLED_PROBE]))
+                installed = json.loads(self._step(out, log, "reading the installed versions", [python, "-I", "-c", _INSTALLED_PROBE]))
             versions = {normalize(name): version for name, version in installed["distributions"].items()}
             differences = sorted(f"{name} {versions.get(name)} (lock: {pins.get(name)})"
                                  for name in set(pins) | set(versions) if pins.get(name) != versions.get(name))
@@ -254,7 +254,9 @@ class ModelEnvironment(BaseModel):
         """One build step, its output appended to the build log; its stdout, or a one-line error."""
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # From the environments' root: a checkout's own metadata (usdata_pipeline.egg-info) in the
+        # working directory would otherwise count as installed in the environment.
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.root)
         out.write(done.stdout + done.stderr)
         out.flush()
         if done.returncode != 0:
@@ -275,7 +277,7 @@ class ModelEnvironment(BaseModel):
         environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         environment["HF_HUB_OFFLINE"] = "1"  # the model reads the files given; it downloads nothing
         try:
-            done = subprocess.run([str(self.env_python), str(RUNNER)], input=json.dumps({"period": period, "areas": paths}),
+            done = subprocess.run([str(self.env_python), "-I", str(RUNNER)], input=json.dumps({"period": period, "areas": paths}),
                                   capture_output=True, text=True, timeout=timeout, env=environment)
         except subprocess.TimeoutExpired as exc:
             raise ModelEnvironmentError(f"the model runner ran past {timeout} s on {len(paths)} area files") from exc
