@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     areas = stages.wanted_areas(None)
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalRunStore(Path(tmp) / "store")
-        meta, _ = run_release(store, config, code, running_sha=sha)
+        meta, results = run_release(store, config, code, running_sha=sha)
         timings = {}
         for workers in (1, 2):
             out = Path(tmp) / f"areas_{workers}"
@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
             "per_file": layouts,
             "policyengine_over_entity_tables": layouts["policyengine"]["median_ms"] / layouts["entity_tables"]["median_ms"],
             "goal_policyengine_over_entity_tables": 2.0,
+            # The run's model check on its default sample (import, load and compute, in one runner).
+            "model_validation_s": meta.step_timings["model_validation"].duration_s,
+            "model_validation_areas": int(results["model_validation"].figures["areas_checked"]),
+            "model_seconds_per_area": {name.removesuffix("_model_seconds"): value for name, value
+                                       in results["model_validation"].figures.items() if name.endswith("_model_seconds")},
         },
     )
 
