@@ -104,7 +104,7 @@ def test_status_lists_runs_and_one_run(store, capsys):
     store.update_meta(run_id, lambda m: m.step_ended("policy_data_db", "succeeded"))
     assert main(["status"]) == 0
     table = capsys.readouterr().out
-    assert run_id in table and "running" in table and PINNED_SHA[:8] in table and "1/8" in table
+    assert run_id in table and "running" in table and PINNED_SHA[:8] in table and "1/9" in table  # the eight steps and staging
     assert main(["status", run_id]) == 0
     detail = capsys.readouterr().out
     assert "policy_data_db" in detail and "succeeded" in detail

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, RunsFilter, instance_for_test
 
@@ -12,6 +14,7 @@ from pipeline_assets.launch import job_run_config, launch_release, step_failure_
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.run_start import START_TAGS, run_tags
 from pipeline_assets.steps.config import config_for_scale
+from pipeline_assets.tro import tro_revisions
 from resources.compute import usable_cores
 from resources.files import sha256_file
 from resources.git import CodeState
@@ -74,6 +77,10 @@ def test_release_job_end_to_end(tmp_path):
         for code, key in MODEL_SAMPLE.items():  # the model counts the persons the release weighted
             assert model[f"{code}_persons"].value == pytest.approx(latest(instance, AssetKey(key), run_id)["population"].value, rel=1e-4)
             assert model[f"{code}_income_tax"].value > 0 and model[f"{code}_eitc"].value > 0
+        # The run's TRO names the model on the step that ran it, and on no other.
+        tro = json.loads(tro_revisions(store, run_id)[-1].read_text())["@graph"][0]
+        named = {p["pe:step"]: p.get("pe:builtWithModelVersion") for p in tro["trov:hasPerformance"]}
+        assert named.pop("model_validation") == "2.68.0" and set(named.values()) == {None}
 
         evaluations = [
             e.dagster_event.asset_check_evaluation_data

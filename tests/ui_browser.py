@@ -141,7 +141,11 @@ def chromium():
 
 
 def whole_words(text: str, names: list[str]) -> set[str]:
-    return {name for name in names if re.search(rf"(?<![\w/]){re.escape(name)}(?![\w/])", text)}
+    """The names the text shows whole, or as the lineage graph's narrow nodes cut them in the middle
+    ("calibrati…_package")."""
+    cut = [(left, right) for left, right in re.findall(r"(?<![\w/])([\w/]+)…([\w/]+)(?![\w/])", text)]
+    return {name for name in names if re.search(rf"(?<![\w/]){re.escape(name)}(?![\w/])", text)
+            or any(name.startswith(left) and name.endswith(right) and len(left) + len(right) < len(name) for left, right in cut)}
 
 
 def asset_path(key: str) -> str:
