@@ -85,7 +85,7 @@ class ModelValidationConfig(StepConfig):
     @field_validator("areas")
     @classmethod
     def _known(cls, areas):
-        if areas == "all":
+        if areas == "all" or not areas:  # nothing to look up: every step parses the configuration
             return areas
         known = {area.code for area in (*geography.areas(), geography.NATIONAL)}
         unknown = sorted(set(areas) - known)

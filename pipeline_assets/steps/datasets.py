@@ -343,7 +343,8 @@ def build_datasets(out_path: Path, config: DatasetConfig, raw_dir: Path | None =
     present = [c for c in AGI_COMPONENTS if c.column in units.columns]
     units["adjusted_gross_income"] = sum(units[c.column] * c.share for c in present)
     # The credit under its parameters' year, on incomes in that year's dollars, then in the period's.
-    to_parameter_year = cpi_u(raw_dir)[EITC_PARAMETER_YEAR] / cpi_u(raw_dir)[config.period]
+    index = cpi_u(raw_dir)
+    to_parameter_year = index[EITC_PARAMETER_YEAR] / index[config.period]
     units["eitc"] = earned_income_tax_credit(
         earned=(units["e00200"] + units["e00900"]) * to_parameter_year,
         agi=units["adjusted_gross_income"] * to_parameter_year,

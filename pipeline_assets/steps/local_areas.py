@@ -183,7 +183,7 @@ def build_area_h5(area: geography.Area, inputs: AreaInputs, out_root: Path) -> A
         write_dataset(h5, inputs.period, variables)
     # What the file holds: the weights as written (float32), over the persons of each household.
     written = variables["household_weight"].astype(float)
-    persons = np.bincount(np.searchsorted(chosen, variables["person_household_id"]), minlength=len(chosen))
+    persons = inputs.households["n_persons"][inputs.clones["household_index"][chosen]]
     return AreaResult(
         area=area.code,
         kind=area.kind,
