@@ -21,7 +21,7 @@ venv: $(STAMP)
 model-env: $(STAMP)
 	$(PY) -m resources.model_environment build
 
-demo: $(STAMP)
+demo: $(STAMP) model-env
 	$(VENV)/bin/usdata-pipeline run
 
 # Two workers (this VM's two cores, which the suite keeps busy), each taking whole test files (their
