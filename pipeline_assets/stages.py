@@ -232,18 +232,19 @@ def run_diagnostics(store: LocalRunStore, run_id: str, config: RunConfig) -> Ste
     )
 
 
-def policyengine_us(paths: list[Path], period: int) -> tuple[ModelEnvironmentInfo, list[ModelFigures]]:
-    """The model in its own environment (built once per machine, then reused by every run)."""
-    from resources.model_environment import ModelEnvironment  # the model's step only
+def model_on(compute):
+    """The model run by `compute` (local runners of the model's environment, or Modal's model image),
+    as the model validation takes it."""
+    def run_model(paths: list[Path], period: int) -> tuple[ModelEnvironmentInfo, list[ModelFigures]]:
+        run = compute.run_model(paths, period)
+        environment = ModelEnvironmentInfo(env_id=run.env_id, ran_on=run.ran_on, libraries={
+            name: version for name, version in run.library_versions.items() if version})
+        return environment, [ModelFigures.model_validate(area.model_dump()) for area in run.areas]
+    return run_model
 
-    run = ModelEnvironment().run(paths, period)
-    environment = ModelEnvironmentInfo(env_id=run.env_id, libraries={name: version for name, version in
-                                                                     run.library_versions.items() if version})
-    return environment, [ModelFigures.model_validate(area.model_dump()) for area in run.areas]
 
-
-def run_model_validation(store: LocalRunStore, run_id: str, config: RunConfig) -> StepResult:
-    """PolicyEngine-US on the configured sample of this run's area files."""
+def run_model_validation(store: LocalRunStore, run_id: str, config: RunConfig, compute) -> StepResult:
+    """PolicyEngine-US on the configured sample of this run's area files, on the compute resource."""
     settings = config.model_validation
     wanted = {area.code: area for area in wanted_areas(None)}
     codes = sampled(settings.areas, list(wanted))
@@ -255,7 +256,7 @@ def run_model_validation(store: LocalRunStore, run_id: str, config: RunConfig) -
         db_path=artifact(store, run_id, "policy_data_db"),
         period=config.dataset.period,
         person_tolerance=settings.person_tolerance,
-        run_model=policyengine_us,
+        run_model=model_on(compute),
         out_dir=store.output_path(run_id, DIAGNOSTICS),
     )
 
@@ -265,7 +266,6 @@ RUNNERS = {
     "source_datasets": run_datasets,
     "calibration_package": run_calibration_package,
     "run_diagnostics": run_diagnostics,
-    "model_validation": run_model_validation,
 }
 
 
@@ -333,7 +333,8 @@ def execute_step(
 ) -> tuple[StepResult, StepRecord]:
     """Run one step, or reuse an earlier run's identical output (unless config.reuse is off).
 
-    The fits run on `compute` (default: this process); the other steps always run here.
+    The fits and the model validation run on `compute` (default: this machine's pool); the other
+    steps always run here.
     """
     started = utcnow()
     probe = _record(store, run_id, step, config, env, outputs={})
@@ -355,6 +356,8 @@ def execute_step(
     else:
         if step in FIT_SCOPES:
             result = run_fit(store, run_id, config, step, compute or LocalPool())
+        elif step == "model_validation":
+            result = run_model_validation(store, run_id, config, compute or LocalPool())
         else:
             result = RUNNERS[step](store, run_id, config)
         check_raw_inputs_unchanged(step, probe.raw_inputs)

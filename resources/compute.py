@@ -87,6 +87,12 @@ def _call_chunk(task: Callable, chunk: list, out_root: Path) -> list:
     return [task(item, _worker_state["inputs"], out_root) for item in chunk]
 
 
+def stripes(items: list, n: int) -> list[list]:
+    """`items` dealt round-robin into min(n, len(items)) non-empty chunks (big states spread out)."""
+    n = max(1, min(n, len(items)))
+    return [items[i::n] for i in range(n)]
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the platform tells it)."""
     if hasattr(os, "sched_getaffinity"):
@@ -202,6 +208,12 @@ class LocalPool:
             return fit_weights(package_path, weights_path, log_path, config)
         with self.cores.joined() as share:
             return fit_weights(package_path, weights_path, log_path, config, cores=share)
+
+    def run_model(self, paths: list[Path], period: int):
+        """PolicyEngine-US on the area files: one runner of the model's own environment per worker."""
+        from resources.model_environment import ModelEnvironment  # the model validation's only
+
+        return ModelEnvironment().run(paths, period, workers=self.workers)
 
     def iter_with_inputs(
         self,

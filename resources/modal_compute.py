@@ -16,27 +16,26 @@ from pipeline_assets.steps.config import FitConfig
 from pipeline_assets.steps.geography import Area
 from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
 from pipeline_assets.steps.results import StepResult
+from resources.compute import stripes
 from resources.files import write_bytes_atomic
+from resources.model_environment import AreaResult as ModelAreaResult
+from resources.model_environment import Interpreter, ModelEnvironment, ModelRun, env_id_of
 from resources.runtime import RuntimeEnvironment
 
 APP_NAME = "usdata-pipeline"
-FUNCTION_NAMES = ("fit_remote", "build_areas_remote")
+MODEL_APP_NAME = "usdata-pipeline-model"  # pipeline_assets/modal_model_app.py: the model's own image
+MODEL_FUNCTION_NAME = "model_remote"
 # The input files of the area builds, named as load_area_inputs' parameters (in its order).
 AREA_INPUTS = ("dataset", "package", "local_weights", "national_weights")
-
-
-def stripes(items: list, n: int) -> list[list]:
-    """`items` dealt round-robin into min(n, len(items)) non-empty chunks (big states spread out)."""
-    n = max(1, min(n, len(items)))
-    return [items[i::n] for i in range(n)]
 
 
 class ModalCompute:
     """The Modal implementation of the compute resource.
 
-    `functions` holds the remote function handles (attributes `fit_remote` and `build_areas_remote`,
-    each with `.remote`, `.map` and `.with_options` like modal.Function); by default they are looked up
-    from the deployed app on first use. `pinned_sha` defaults to the SHA of the code this process runs.
+    `functions` holds the remote function handles (attributes `fit_remote`, `build_areas_remote` and
+    `model_remote`, each with `.remote`, `.map` and `.with_options` like modal.Function); by default they
+    are looked up from the deployed apps on first use. `pinned_sha` defaults to the SHA of the code this
+    process runs.
     """
 
     def __init__(
@@ -57,12 +56,15 @@ class ModalCompute:
         self.last_environments: list[RuntimeEnvironment] = []
 
     def _function(self, name: str):
+        """The remote function `name`, looked up in its deployed app on first use (the model's app is
+        deployed apart from the pipeline's, so a run that checks no area never needs it)."""
         if self.functions is None:
+            self.functions = SimpleNamespace()
+        if not hasattr(self.functions, name):
             import modal
 
-            self.functions = SimpleNamespace(
-                **{fn: modal.Function.from_name(self.app_name, fn) for fn in FUNCTION_NAMES}
-            )
+            app = MODEL_APP_NAME if name == MODEL_FUNCTION_NAME else self.app_name
+            setattr(self.functions, name, modal.Function.from_name(app, name))
         return getattr(self.functions, name)
 
     def _sha(self) -> str:
@@ -118,4 +120,32 @@ class ModalCompute:
         self.last_environments = [RuntimeEnvironment.model_validate(reply["environment"])]
         return StepResult(
             outputs={"weights": Path(weights_path), "calibration_log": Path(log_path)}, figures=reply["figures"]
+        )
+
+    def run_model(self, paths: list[Path], period: int) -> ModelRun:
+        """PolicyEngine-US on the area files in `workers` containers of the model's image, each sent its
+        files' bytes and the sha256 of this checkout's lock (an image built from another lock refuses)."""
+        environment = ModelEnvironment()
+        lock_sha256 = environment.lock_sha256()
+        chunks = stripes([str(path) for path in paths], self.workers)
+        replies = list(self._function(MODEL_FUNCTION_NAME).map(
+            [{path: Path(path).read_bytes() for path in chunk} for chunk in chunks], [period] * len(chunks),
+            [lock_sha256] * len(chunks),
+        ))
+        interpreters = {Interpreter.model_validate(reply["interpreter"]) for reply in replies}
+        if len(interpreters) != 1:
+            raise RuntimeError(f"the model's containers ran on different interpreters: {sorted(map(str, interpreters))}")
+        readies = [next(line for line in reply["lines"] if line["kind"] == "ready") for reply in replies]
+        results = {line["path"]: ModelAreaResult.model_validate(line)
+                   for reply in replies for line in reply["lines"] if line["kind"] == "area"}
+        unasked = sorted(set(results) - {str(path) for path in paths})
+        if unasked:
+            raise RuntimeError(f"the model's containers returned areas that were not asked for: {unasked}")
+        return ModelRun(
+            env_id=env_id_of(lock_sha256, interpreters.pop()), period=period,
+            import_seconds=max(ready["import_seconds"] for ready in readies),
+            library_versions=readies[0]["library_versions"],
+            areas=[results.get(str(path)) or ModelAreaResult(path=str(path), error=f"{path}: no result came back")
+                   for path in paths],
+            ran_on=[f"modal {reply['image_id']} {reply['task_id']} ({reply['region']})" for reply in replies],
         )

@@ -19,15 +19,19 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from resources.compute import stripes
 
 DEFAULT_LOCK = Path(__file__).resolve().parents[1] / "pipeline_assets" / "data" / "model_environment" / "requirements.lock"
 RUNNER = Path(__file__).resolve().with_name("model_runner.py")
@@ -37,12 +41,6 @@ BUILD_LOG = "build.log"
 # The versions recorded for provenance (the python version is recorded as well).
 TRACKED_LIBRARIES = ("policyengine-us", "policyengine-core", "numpy", "pandas", "h5py", "tables")
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
-# Run by the interpreter in question, so env_id names what the environment is built on, not the
-# path it was reached by.
-_INTERPRETER_PROBE = (
-    "import json, platform, sysconfig; print(json.dumps({'implementation': platform.python_implementation(), "
-    "'version': platform.python_version(), 'platform': sysconfig.get_platform(), 'libc': ' '.join(platform.libc_ver())}))"
-)
 _INSTALLED_PROBE = (
     "import json, platform; from importlib import metadata; print(json.dumps({'python': platform.python_version(), "
     "'distributions': {d.metadata['Name']: d.version for d in metadata.distributions()}}))"
@@ -100,6 +98,7 @@ class ModelRun(BaseModel):
     import_seconds: float
     library_versions: dict[str, str | None]
     areas: list[AreaResult]
+    ran_on: list[str]  # each runner: a local process on a host, or a Modal container
 
 
 def default_root() -> Path:
@@ -128,10 +127,20 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def env_id_of(lock_sha256: str, interpreter: Interpreter) -> str:
+    """sha256 of the lock's bytes' sha256 and the interpreter's implementation, version and platform:
+    everything an environment's contents follow from (pins are exact and installed without a
+    resolver), wherever it is built (here, or Modal's image)."""
+    identity = {"lock_sha256": lock_sha256, "interpreter": interpreter.model_dump()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
 @functools.lru_cache(maxsize=None)
 def interpreter(python: str) -> Interpreter:
     try:
-        done = subprocess.run([python, "-I", "-c", _INTERPRETER_PROBE], capture_output=True, text=True, check=True)
+        # Asked of the interpreter in question, so env_id names what the environment is built on, not
+        # the path it was reached by.
+        done = subprocess.run([python, "-I", str(RUNNER), "--interpreter"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise ModelEnvironmentError(f"interpreter {python!r} does not run: {_last_line(str(exc))}") from None
     return Interpreter.model_validate_json(done.stdout)
@@ -154,7 +163,7 @@ def _last_line(output: str) -> str:
 
 class ModelEnvironment(BaseModel):
     """The virtualenv at `<root>/<env_id>`, built from `lock` on `python` by `installer` (a pip that
-    takes `--python`; tests inject a fake one)."""
+    takes `--python`; tests inject a fake one), running `runner` on area files."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -162,6 +171,7 @@ class ModelEnvironment(BaseModel):
     root: Path = Field(default_factory=default_root)
     python: str = sys.executable
     installer: tuple[str, ...] = (sys.executable, "-m", "pip")
+    runner: Path = RUNNER  # the script the environment's interpreter runs on the files (tests: a stand-in)
 
     def lock_bytes(self) -> bytes:
         try:
@@ -169,13 +179,11 @@ class ModelEnvironment(BaseModel):
         except OSError:
             raise ModelEnvironmentError(f"no model environment lock file at {self.lock}") from None
 
+    def lock_sha256(self) -> str:
+        return hashlib.sha256(self.lock_bytes()).hexdigest()
+
     def env_id(self) -> str:
-        """sha256 of the lock's bytes and the interpreter's implementation, version and platform:
-        everything the environment's contents follow from (pins are exact and installed without a
-        resolver)."""
-        identity = {"lock_sha256": hashlib.sha256(self.lock_bytes()).hexdigest(),
-                    "interpreter": interpreter(self.python).model_dump()}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return env_id_of(self.lock_sha256(), interpreter(self.python))
 
     @property
     def path(self) -> Path:
@@ -233,7 +241,7 @@ class ModelEnvironment(BaseModel):
                 raise ModelEnvironmentError(f"model environment {env_id[:12]}: the installed set differs from "
                                             f"{self.lock}: {', '.join(differences)}")
             record = EnvironmentRecord(
-                env_id=env_id, path=str(self.root / env_id), lock_sha256=hashlib.sha256(self.lock_bytes()).hexdigest(),
+                env_id=env_id, path=str(self.root / env_id), lock_sha256=self.lock_sha256(),
                 interpreter=interpreter(self.python), python_version=installed["python"],
                 library_versions={name: versions.get(name) for name in TRACKED_LIBRARIES},
                 built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -264,38 +272,59 @@ class ModelEnvironment(BaseModel):
                                         f"{_last_line(done.stdout + done.stderr)} (log: {log})")
         return done.stdout
 
-    def run(self, areas: Sequence[str | Path], period: int, timeout: float | None = None) -> ModelRun:
-        """The model's totals for each area file, one runner process for all of them (the model is
-        imported once). A file the model cannot load is an error in its own result; so is every area
-        after the runner died, if it does."""
+    def run(self, areas: Sequence[str | Path], period: int, timeout: float | None = None, workers: int = 1) -> ModelRun:
+        """The model's totals for each area file, in the order given, from `workers` runner processes
+        at once (each imports the model once and takes every `workers`-th file). A file the model
+        cannot load is an error in its own result; so is every area after a runner died, if one does."""
         if isinstance(period, bool) or not isinstance(period, int) or not 1000 <= period <= 9999:
             raise ValueError(f"period {period!r} is not a year")
         if isinstance(areas, (str, Path)) or not areas:
             raise ValueError(f"areas {areas!r}: expected a non-empty list of area file paths")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers {workers!r}: expected a whole number of at least 1")
         paths = [str(Path(area).resolve()) for area in areas]
         record = self.ensure()
         environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         environment["HF_HUB_OFFLINE"] = "1"  # the model reads the files given; it downloads nothing
+        chunks = stripes(paths, workers)
+        runners = [
+            subprocess.Popen([str(self.env_python), "-I", str(self.runner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=environment)
+            for _ in chunks
+        ]
+        with ThreadPoolExecutor(len(runners)) as threads:
+            answers = list(threads.map(lambda runner, chunk: _answer(runner, {"period": period, "areas": chunk}, timeout),
+                                       runners, chunks))
+        readies, results = [], {}
+        for chunk, (lines, returncode, stderr) in zip(chunks, answers):
+            ready = next((line for line in lines if line["kind"] == "ready"), None)
+            if ready is None:
+                raise ModelEnvironmentError(f"the model runner failed before its first area (exit {returncode}): "
+                                            f"{_last_line(stderr)}")
+            readies.append(ready)
+            died = f"the model runner exited with code {returncode} before this area: {_last_line(stderr)}"
+            found = {line["path"]: AreaResult.model_validate(line) for line in lines if line["kind"] == "area"}
+            results.update({path: found.get(path) or AreaResult(path=path, error=f"{path}: {died}") for path in chunk})
+        return ModelRun(env_id=record.env_id, period=period, import_seconds=max(r["import_seconds"] for r in readies),
+                        library_versions=readies[0]["library_versions"], areas=[results[path] for path in paths],
+                        ran_on=[f"local pid {runner.pid} on {socket.gethostname()}" for runner in runners])
+
+
+def _answer(runner: subprocess.Popen, request: dict, timeout: float | None) -> tuple[list[dict], int, str]:
+    """One runner's JSON lines, exit code and stderr; killed past `timeout` (the areas it did are kept)."""
+    try:
+        stdout, stderr = runner.communicate(json.dumps(request), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        runner.kill()
+        stdout, stderr = runner.communicate()
+        stderr += f"\nran past {timeout} s"
+    lines = []
+    for line in stdout.splitlines():
         try:
-            done = subprocess.run([str(self.env_python), "-I", str(RUNNER)], input=json.dumps({"period": period, "areas": paths}),
-                                  capture_output=True, text=True, timeout=timeout, env=environment)
-        except subprocess.TimeoutExpired as exc:
-            raise ModelEnvironmentError(f"the model runner ran past {timeout} s on {len(paths)} area files") from exc
-        lines = []
-        for line in done.stdout.splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:  # the last line of a runner killed while writing it
-                pass
-        ready = next((line for line in lines if line["kind"] == "ready"), None)
-        if ready is None:
-            raise ModelEnvironmentError(f"the model runner failed before its first area (exit {done.returncode}): "
-                                        f"{_last_line(done.stderr)}")
-        results = {line["path"]: AreaResult.model_validate(line) for line in lines if line["kind"] == "area"}
-        died = f"the model runner exited with code {done.returncode} before this area: {_last_line(done.stderr)}"
-        return ModelRun(env_id=record.env_id, period=period, import_seconds=ready["import_seconds"],
-                        library_versions=ready["library_versions"],
-                        areas=[results.get(path) or AreaResult(path=path, error=f"{path}: {died}") for path in paths])
+            lines.append(json.loads(line))
+        except ValueError:  # the last line of a runner killed while writing it
+            pass
+    return lines, runner.returncode, stderr
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,12 +8,19 @@ a runner that dies part-way still leaves the areas it did. Anything the librarie
 stderr, never into the answer.
 
     python model_runner.py <<< '{"period": 2024, "areas": ["states/AL.h5"]}'
+    python model_runner.py --interpreter   # the interpreter's identity, as JSON
+
+On Modal the model's image has no file of the run store: `from_bytes` takes the files' bytes and
+answers the same lines in one list, with the interpreter the environment's identity is made of.
 """
 
 import gc
 import json
 import os
+import platform
 import sys
+import sysconfig
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +36,7 @@ OUTPUTS = {
     "snap": "snap",
     "household_net_income": "household_net_income",
 }
+LOCK_VARIABLE = "PIPELINE_MODEL_LOCK_SHA256"  # set in Modal's model image: the lock it was built from
 LIBRARIES = ("policyengine-us", "policyengine-core", "numpy", "pandas", "h5py", "tables")
 
 
@@ -87,10 +95,8 @@ def area_result(microsimulation, path: str, period: int) -> dict:
     return result
 
 
-def main() -> None:
-    period, areas = read_request(sys.stdin.read())
-    answer = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # what the model's libraries print (Python or C) goes to stderr
+def compute(period: int, paths: list[str], emit) -> None:
+    """Import the model once, `emit` the ready line, then each area's line as it finishes."""
     started = time.perf_counter()
     from policyengine_us import Microsimulation
 
@@ -100,11 +106,60 @@ def main() -> None:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    ready = {"kind": "ready", "import_seconds": round(time.perf_counter() - started, 3), "library_versions": versions}
-    print(json.dumps(ready), file=answer, flush=True)
-    for path in areas:
-        print(json.dumps(area_result(Microsimulation, path, period)), file=answer, flush=True)
+    emit({"kind": "ready", "import_seconds": round(time.perf_counter() - started, 3), "library_versions": versions})
+    for path in paths:
+        emit(area_result(Microsimulation, path, period))
         gc.collect()  # one area's simulation at a time: 489 of them must not pile up
+
+
+def interpreter() -> dict:
+    """What the environment's identity is made of besides its lock (as the project's probe reads it)."""
+    return {"implementation": platform.python_implementation(), "version": platform.python_version(),
+            "platform": sysconfig.get_platform(), "libc": " ".join(platform.libc_ver())}
+
+
+def from_bytes(files: dict[str, bytes], period: int) -> dict:
+    """The lines for area files sent as bytes (name -> bytes, names as the sender knows the files);
+    each area's path in the answer is its name."""
+    if not files:
+        raise ValueError("no area files sent")
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, data in files.items():
+            path = os.path.join(tmp, f"{len(paths)}-{os.path.basename(name)}")
+            with open(path, "wb") as out:
+                out.write(data)
+            paths[path] = name
+        compute(period, list(paths), lines.append)
+    for line in lines:
+        if line["kind"] == "area":
+            local = line["path"]
+            line["path"] = paths[local]
+            if line.get("error"):
+                line["error"] = line["error"].replace(local, line["path"])
+    return {"lines": lines, "interpreter": interpreter()}
+
+
+def serve(files: dict[str, bytes], period: int, lock_sha256: str) -> dict:
+    """The body of Modal's model function: `from_bytes`, in an image built from the lock whose sha256
+    the run asks for (its $PIPELINE_MODEL_LOCK_SHA256), else refused before any work."""
+    built_from = os.environ.get(LOCK_VARIABLE)
+    if built_from != lock_sha256:
+        raise RuntimeError(f"this model image is built from the lock with sha256 {built_from}, the run's lock has "
+                           f"{lock_sha256}: redeploy the model app from the run's checkout")
+    return {**from_bytes(files, period), "image_id": os.environ.get("MODAL_IMAGE_ID"),
+            "task_id": os.environ.get("MODAL_TASK_ID"), "region": os.environ.get("MODAL_REGION")}
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--interpreter"]:
+        print(json.dumps(interpreter()))
+        return
+    period, areas = read_request(sys.stdin.read())
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # what the model's libraries print (Python or C) goes to stderr
+    compute(period, areas, lambda line: print(json.dumps(line), file=answer, flush=True))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, RunsFilter, instance_for_test
@@ -14,6 +16,7 @@ from pipeline_assets.launch import job_run_config, launch_release, step_failure_
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.run_start import START_TAGS, run_tags
 from pipeline_assets.steps.config import config_for_scale
+from pipeline_assets.steps.model_validation import ModelValidationRecord
 from pipeline_assets.tro import tro_revisions
 from resources.compute import usable_cores
 from resources.files import sha256_file
@@ -74,9 +77,17 @@ def test_release_job_end_to_end(tmp_path):
         assert area["households"].value > 0 and isinstance(area["weight_sum"].value, float)
         model = latest(instance, AssetKey("model_validation"), run_id)
         assert model["areas_checked"].value == 3
-        for code, key in MODEL_SAMPLE.items():  # the model counts the persons the release weighted
-            assert model[f"{code}_persons"].value == pytest.approx(latest(instance, AssetKey(key), run_id)["population"].value, rel=1e-4)
-            assert model[f"{code}_income_tax"].value > 0 and model[f"{code}_eitc"].value > 0
+        for code, key in MODEL_SAMPLE.items():  # the model counts the persons and households the release weighted
+            ours = latest(instance, AssetKey(key), run_id)
+            assert model[f"{code}_persons"].value == pytest.approx(ours["population"].value, rel=1e-5), code
+            assert model[f"{code}_households"].value == pytest.approx(ours["weight_sum"].value, rel=1e-5), code
+            for measure in ("income_tax", "eitc", "snap"):
+                value = model[f"{code}_{measure}"].value
+                assert math.isfinite(value) and value > 0, (code, measure, value)
+        # In its pinned environment, the sample dealt to the compute resource's two local runners.
+        checked = ModelValidationRecord.model_validate_json(Path(model["path"].value).read_text())
+        assert checked.environment.libraries["policyengine-us"] == "2.68.0" and checked.failures == []
+        assert len(checked.environment.ran_on) == 2 and all(ran.startswith("local pid ") for ran in checked.environment.ran_on)
         # The run's TRO names the model on the step that ran it, and on no other.
         tro = json.loads(tro_revisions(store, run_id)[-1].read_text())["@graph"][0]
         named = {p["pe:step"]: p.get("pe:builtWithModelVersion") for p in tro["trov:hasPerformance"]}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,16 +15,22 @@ import pytest
 import torch
 
 from pipeline_assets import modal_app
+from pipeline_assets import modal_model_app
 from pipeline_assets.identity import VersionSkewError
 from pipeline_assets.stages import H5_ROOT, artifact, fit_config
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.local_areas import build_area_h5, load_area_inputs
 from resources.files import sha256_file
-from resources.modal_compute import ModalCompute, stripes
+from resources import model_environment
+from resources.compute import stripes
+from resources.modal_compute import ModalCompute
+from resources.model_environment import ModelEnvironment
+from tests.policyengine_dataset import PERIOD, write_area
 from tests.conftest import PINNED_SHA
 
 OTHER_SHA = "0badc0de" + "f" * 32
+REPO = Path(__file__).resolve().parents[1]
 AREA_ARTIFACTS = ("source_datasets", "calibration_package", "state_weights", "national_weights")
 
 
@@ -168,10 +177,72 @@ def test_only_the_step_functions_the_app_deploys_can_be_mapped(tmp_path, monkeyp
         compute.map_with_inputs(print, some_areas(1), load_area_inputs, (), tmp_path)
 
 
+# The model's container, stood in for by the model environment (the image's exact pins): the runner's
+# Modal body run by its interpreter, with the image's variables; what the model prints goes to stderr.
+IN_MODEL_IMAGE = """
+import os, pickle, sys
+sys.path.insert(0, sys.argv[1])
+from resources.model_runner import serve
+answer = os.fdopen(os.dup(1), "wb")
+os.dup2(2, 1)
+pickle.dump(serve(*pickle.load(sys.stdin.buffer)), answer)
+"""
+
+
+def model_container(image_lock_sha256):
+    def body(files, period, lock_sha256):
+        image = {**os.environ, "PIPELINE_MODEL_LOCK_SHA256": image_lock_sha256, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([str(ModelEnvironment().env_python), "-I", "-c", IN_MODEL_IMAGE, str(REPO)], env=image,
+                              input=pickle.dumps((files, period, lock_sha256)), capture_output=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr.decode().strip().splitlines()[-1])
+        return pickle.loads(done.stdout)
+    return body
+
+
+def test_the_model_runs_in_its_image_and_names_the_same_environment_as_locally(tmp_path, monkeypatch):
+    """The files go as bytes; the figures come back under the paths asked for, with the environment
+    identified as the local one is (the same lock on the same interpreter: the same env_id)."""
+    model = ModelEnvironment()
+    model.ensure()
+    alabama = write_area(tmp_path / "AL.h5")
+    other = write_area(tmp_path / "CA.h5", weights=(10.0, 20.0, 30.0))
+    functions = SimpleNamespace(model_remote=FakeModalFunction(model_container(model.lock_sha256()), monkeypatch))
+    run = ModalCompute(workers=1, functions=functions, pinned_sha=PINNED_SHA).run_model([alabama.path, other.path], PERIOD)
+    assert run.env_id == model.env_id() and run.library_versions["policyengine-us"] == "2.68.0"
+    assert [area.path for area in run.areas] == [str(alabama.path), str(other.path)]
+    for fixture, area in zip((alabama, other), run.areas):
+        assert area.error is None and area.persons == pytest.approx(fixture.persons)
+    assert run.areas[1].eitc == pytest.approx(20.0 * 6960)
+    assert run.ran_on == ["modal im-usdata123 ta-" + run.ran_on[0].split(" ta-")[1]]
+    assert run.ran_on[0].endswith("(us-east-1)")
+
+
+def test_a_model_image_of_another_lock_refuses_and_the_files_fan_out(tmp_path, monkeypatch):
+    files = [write_area(tmp_path / f"{code}.h5").path for code in ("AL", "AK", "AZ")]
+    stale = SimpleNamespace(model_remote=FakeModalFunction(model_container("0" * 64), monkeypatch))
+    with pytest.raises(RuntimeError, match="this model image is built from the lock with sha256 0{64}, the run's lock has"):
+        ModalCompute(workers=1, functions=stale).run_model(files[:1], PERIOD)
+    seen = []
+
+    def answer(files, period, lock_sha256):  # what a container answers, without the model
+        seen.append(sorted(Path(name).name for name in files))
+        lines = [{"kind": "ready", "import_seconds": 1.0, "library_versions": {"policyengine-us": "2.68.0"}}]
+        lines += [{"kind": "area", "path": name, "persons": float(len(data))} for name, data in files.items()]
+        return {"lines": lines, "interpreter": model_environment.interpreter(sys.executable).model_dump(),
+                "image_id": "im-1", "task_id": "ta-1", "region": "us-east-1"}
+
+    functions = SimpleNamespace(model_remote=FakeModalFunction(answer, monkeypatch))
+    run = ModalCompute(workers=2, functions=functions).run_model(files, PERIOD)
+    assert seen == [["AL.h5", "AZ.h5"], ["AK.h5"]] and len(run.ran_on) == 2
+    assert [area.persons for area in run.areas] == [float(path.stat().st_size) for path in files]
+
+
 def test_the_deploy_entry_point_defines_the_app():
     assert modal_app.app.name == "usdata-pipeline"
     assert modal_app.GPU == os.environ.get("PIPELINE_MODAL_GPU", "A100")
     assert callable(modal_app.fit_remote.remote) and callable(modal_app.build_areas_remote.map)
+    assert modal_model_app.app.name == "usdata-pipeline-model" and callable(modal_model_app.model_remote.map)
 
 
 def test_release_job_on_modal_records_each_remote_environment(tmp_path, monkeypatch):

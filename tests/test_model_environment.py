@@ -36,6 +36,17 @@ if "install" in args:
     if "--fail" in args:
         sys.exit("ERROR: No matching distribution found for nosuchpackage==0.0.1")
 """
+# A runner that computes nothing: each area's "persons" is its position in its runner's request, and
+# a path naming "die" kills the runner before it answers for that area.
+FAKE_RUNNER = """
+import json, os, sys
+request = json.load(sys.stdin)
+print(json.dumps({"kind": "ready", "import_seconds": 0.5, "library_versions": {"policyengine-us": "0.0.0"}}), flush=True)
+for position, path in enumerate(request["areas"]):
+    if "die" in path:
+        sys.exit("killed while computing")
+    print(json.dumps({"kind": "area", "path": path, "persons": position, "households": os.getpid()}), flush=True)
+"""
 ENSURE = """
 import sys
 from pathlib import Path
@@ -148,6 +159,29 @@ def test_bad_input_is_refused_in_one_line(fake, tmp_path):
         environment(fake).run([tmp_path / "a.h5"], "2024")
     with pytest.raises(ValueError, match=r"areas \[\]: expected a non-empty list"):
         environment(fake).run([], PERIOD)
+    with pytest.raises(ValueError, match="workers 0: expected a whole number of at least 1"):
+        environment(fake).run([tmp_path / "a.h5"], PERIOD, workers=0)
+
+
+def test_the_areas_are_dealt_to_the_workers_and_come_back_in_order(fake, tmp_path):
+    """`all` in production: several runners at once, each over every n-th file; a runner that dies
+    costs its own remaining areas only, each of which says why."""
+    runner = tmp_path / "fake_runner.py"
+    runner.write_text(FAKE_RUNNER)
+    root, lock, installer = fake
+    model = ModelEnvironment(root=root, lock=lock, installer=installer(), runner=runner)
+    paths = [tmp_path / f"{name}.h5" for name in ("a", "b", "c", "die", "e", "f", "g")]
+    run = model.run(paths, PERIOD, workers=3)
+    assert [Path(area.path).name for area in run.areas] == [path.name for path in paths]
+    assert len(run.ran_on) == 3 and len({ran.split()[2] for ran in run.ran_on}) == 3
+    # Dealt round-robin: a, die, g to the first runner; b, e to the second; c, f to the third.
+    assert [area.persons for area in run.areas if area.error is None] == [0, 0, 0, 1, 1]
+    pids = {Path(area.path).stem: area.households for area in run.areas}
+    assert pids["b"] == pids["e"] and pids["c"] == pids["f"] and len({pids["a"], pids["b"], pids["c"]}) == 3
+    died = {Path(area.path).stem: area.error for area in run.areas if area.error}
+    assert sorted(died) == ["die", "g"]
+    assert died["g"].endswith("the model runner exited with code 1 before this area: killed while computing")
+    assert run.env_id == model.env_id() and run.library_versions == {"policyengine-us": "0.0.0"}
 
 
 def test_the_model_computes_each_area_and_reports_a_file_it_cannot_load(tmp_path):

@@ -1,5 +1,7 @@
-"""The model's check of the release: what it records, when it fails, and the real model on real
-area files (PolicyEngine-US in its own environment, built by `make model-env` or on first use)."""
+"""The model's check of the release: what it records and when it fails, with a stand-in model. The
+real model runs on a tiny release's sample in tests/test_dagster_release.py (the end-to-end job), on
+fixture files in tests/test_model_environment.py and in Modal's image stand-in in
+tests/test_modal_compute.py."""
 
 from __future__ import annotations
 
@@ -91,19 +93,3 @@ def test_an_empty_sample_runs_no_model_and_says_so(tiny_release, tmp_path):
     assert record.areas == [] and record.environment is None and result.figures == {"areas_checked": 0}
     # the tiny run itself sampled nothing: its step record says the same
     assert stages.read_record(store, meta.run_id, "model_validation").figures == {"areas_checked": 0}
-
-
-def test_policyengine_us_loads_three_tiny_area_files_and_counts_what_the_release_weighted(tiny_release, tmp_path):
-    """The acceptance test: the real model, in its pinned environment, on a state, a district and NYC."""
-    result = validate(tiny_release, tmp_path, stages.policyengine_us)
-    record = ModelValidationRecord.model_validate_json((tmp_path / "model_validation.json").read_text())
-    assert record.environment.libraries["policyengine-us"] == "2.68.0"
-    ours = release_figures(*tiny_release[:2])
-    for code, figures in record.figures.items():
-        assert figures.error is None and figures.unknown_variables == [], code
-        assert figures.persons == pytest.approx(ours[code]["population"], rel=1e-5), code
-        assert figures.households == pytest.approx(ours[code]["weight_sum"], rel=1e-5), code
-        for measure in ("income_tax", "eitc", "snap"):
-            value = getattr(figures, measure)
-            assert math.isfinite(value) and value > 0, (code, measure, value)
-    assert result.figures["areas_checked"] == 3

@@ -48,6 +48,7 @@ class ModelEnvironmentInfo(BaseModel):
 
     env_id: str
     libraries: dict[str, str]  # distribution -> version (policyengine-us, policyengine-core, ...)
+    ran_on: list[str] = []  # each runner process or container the areas were dealt to
 
 
 class ModelValidationRecord(BaseModel):
