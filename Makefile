@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export PIPELINE_STORE ?= $(CURDIR)/.pipeline-data
 
-.PHONY: venv model-env demo test bench ui production-instance production clean-venv pipeline-auto pipeline-status pipeline-promote pipeline-resume pipeline-clean
+.PHONY: venv model-env demo test lint bench ui production-instance production clean-venv pipeline-auto pipeline-status pipeline-promote pipeline-resume pipeline-clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,14 @@ TEST_WORKERS ?= 2
 # for them (16 GB available), as SQLite's commits there cost no disk flush; removed when the tests
 # pass, kept for a look when one fails (the next `make test` clears them). TEST_TMP= keeps pytest's own.
 TEST_TMP ?= $(shell awk '/^MemAvailable/ { if ($$2 > 16000000) print "/dev/shm/usdata-pipeline-tests" }' /proc/meminfo 2>/dev/null)
-test: $(STAMP) model-env
+test: $(STAMP) model-env lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(if $(TEST_TMP),--basetemp=$(TEST_TMP))
 	$(if $(TEST_TMP),rm -rf $(TEST_TMP))
+
+# ruff (pyflakes, pycodestyle, import order) and the layer contracts in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -12,9 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from pipeline_assets.identity import running_code_sha
 from pipeline_assets.steps.config import RunConfig, config_for_scale
-from resources.git import CodeState
+from resources.git import CodeState, running_code_sha
 from resources.runtime import gpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

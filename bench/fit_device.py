@@ -18,7 +18,7 @@ import torch
 from l0.calibration import SparseCalibrationWeights
 
 from bench.common import add_run_options, bench_parser, median_seconds, pinned_code, result_name, run_config, timed, write_result
-from pipeline_assets import stages
+from pipeline_assets import stages, step_graph
 from pipeline_assets.driver import run_release
 from pipeline_assets.reuse import read_record
 from pipeline_assets.steps.calibration import load_calibration_package, relative_errors
@@ -51,7 +51,7 @@ def repeated_fits(problem: FitProblem, config, repeats: int, model_class) -> dic
 def differing_outputs(store: LocalRunStore, run_a: str, run_b: str) -> list[str]:
     """The output files of two runs whose sha256 differ, by path in the run."""
     differing = []
-    for step in stages.STEP_ORDER:
+    for step in step_graph.STEP_ORDER:
         a, b = read_record(store, run_a, step).outputs, read_record(store, run_b, step).outputs
         differing += sorted(rel for rel in a.keys() | b.keys() if a.get(rel) != b.get(rel))
     return differing

@@ -16,8 +16,8 @@ from pathlib import Path
 from bench.common import add_run_options, bench_parser, median_seconds, pinned_code, result_name, run_config, timed, write_result
 from pipeline_assets.driver import run_release
 from pipeline_assets.steps.config import RunConfig
-from resources.git import CodeState
 from resources.files import sha256_file
+from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunMeta
 from resources.runtime import capture
 

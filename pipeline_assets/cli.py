@@ -13,20 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from pipeline_assets import history
-from pipeline_assets.identity import (
-    CODE_SHA_VARIABLE,
-    InvalidRunId,
-    SOURCE_ROOT,
-    VersionSkewError,
-    parse_run_id,
-    running_code_sha,
-)
-from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
+from pipeline_assets.identity import InvalidRunId, VersionSkewError, parse_run_id
 from pipeline_assets.promotion import PromotionFailed
+from pipeline_assets.step_graph import STEP_ORDER
+from pipeline_assets.steps.config import SCALES, RunConfig, config_for_scale
 from pipeline_assets.tro import TRO_BASE_FORM, TRO_BASE_VARIABLE, is_tro_base
-from resources.git import GitError, code_state
+from resources.git import CODE_SHA_VARIABLE, SOURCE_ROOT, GitError, code_state, running_code_sha
 from resources.ledger import LEDGER_VARIABLE, location_problem, redact
-from resources.lineage import TRANSPORT_VARIABLE, URL_VARIABLE, LineageSettings
+from resources.lineage import TRANSPORT_VARIABLE, LineageSettings
 from resources.publishers import PublishError
 from resources.registry import RegistryError, validate_version
 from resources.run_store import (
@@ -309,7 +303,7 @@ def reuse_summary(timing: StepTiming) -> str:
     return f"{text} ({parts})" if parts and timing.reuse != "reused" else text
 
 
-RELEASE_JOB_STEPS = 9  # stages.STEP_ORDER and staged_release (stages is not imported here: it loads pandas)
+RELEASE_JOB_STEPS = len(STEP_ORDER) + 1  # and staged_release
 
 
 def command_status(args: argparse.Namespace) -> int:
@@ -334,7 +328,8 @@ def command_status(args: argparse.Namespace) -> int:
     print(f"{'run_id':<36}{'status':<11}{'sha':<10}{'started':<21}{'duration':>9}  steps")
     for meta in runs:
         done = sum(t.status == "succeeded" for t in meta.step_timings.values())
-        print(f"{meta.run_id:<36}{meta.status.value:<11}{meta.sha[:8]:<10}{meta.created_at:%Y-%m-%d %H:%M:%S}  {_duration(meta):>9}  {done}/{RELEASE_JOB_STEPS}")
+        print(f"{meta.run_id:<36}{meta.status.value:<11}{meta.sha[:8]:<10}{meta.created_at:%Y-%m-%d %H:%M:%S}  "
+              f"{_duration(meta):>9}  {done}/{RELEASE_JOB_STEPS}")
     return 0
 
 
@@ -558,7 +553,8 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": command_run, "resume": command_resume, "reproduce": command_reproduce, "status": command_status, "verify": command_verify, "promote": command_promote,
+    "run": command_run, "resume": command_resume, "reproduce": command_reproduce, "status": command_status,
+    "verify": command_verify, "promote": command_promote,
     "rollback": command_rollback, "versions": command_versions, "clean": command_clean,
     "runs": command_runs, "timeline": command_timeline, "compare": command_compare,
 }

@@ -1,8 +1,8 @@
 """The code location: every asset, check, job and resource of the release pipeline."""
 
-from dagster import Definitions, load_assets_from_modules
-
 import os
+
+from dagster import Definitions, load_assets_from_modules
 
 from pipeline_assets import calibration, database, datasets, diagnostics, local_areas, model_validation, release
 from pipeline_assets.checks import ALL_CHECKS

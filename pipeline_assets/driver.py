@@ -12,19 +12,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, Iterator
 
-from pipeline_assets import stages
-from pipeline_assets.identity import ensure_no_skew, make_run_id, package_version, running_code_sha
-from pipeline_assets.steps.config import RunConfig
-from resources.compute import LocalPool, mark_step_process
+from pipeline_assets import stages, step_graph
+from pipeline_assets.identity import ensure_no_skew, make_run_id, package_version
 from pipeline_assets.identity_contract import config_hash, env_id
 from pipeline_assets.reuse import StepRecord, read_record
+from pipeline_assets.steps.config import RunConfig
 from pipeline_assets.tro import TRO_PREFIX, signer_from_environment, tro_base, tro_revisions, write_tro
-from resources.git import CodeState
+from resources.compute import LocalPool, mark_step_process
+from resources.git import CodeState, running_code_sha
 from resources.ledger import GitLedger, configured_ledger
 from resources.lineage import Lineage, RunState, StepRun
-from resources.runtime import capture
 from resources.run_store import LocalRunStore, Orchestrator, RunError, RunExists, RunMeta, RunStatus, utcnow
-
+from resources.runtime import capture
 
 
 def start_run(
@@ -224,7 +223,7 @@ def run_release(
 
     results: dict[str, object] = {}
     try:
-        for step in stages.STEP_ORDER:
+        for step in step_graph.STEP_ORDER:
             results[step], _record = run_step(store, run_id, step, work(step), running_sha, lineage)
     except Exception:
         if store.read_meta(run_id).status is RunStatus.failed:  # a step failed (a refused step leaves it running)

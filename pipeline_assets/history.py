@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline_assets.identity import parse_run_id
 from pipeline_assets.reuse import StepRecord, read_record
-from pipeline_assets.stages import ARTIFACTS, STEP_ORDER
+from pipeline_assets.stages import ARTIFACTS
+from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.tro import INPUTS_ID, TroDocument, tro_revisions
 from resources.files import atomic_path
 from resources.run_store import SEALED, LocalRunStore, RunMeta, RunStatus, UnreadableRecord, read_model

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 
-from resources.git import GitError, resolve_sha
+from resources.git import FULL_SHA, running_code_sha
 
 DISTRIBUTION = "usdata-pipeline"
-CODE_SHA_VARIABLE = "PIPELINE_CODE_SHA"  # set where the code has no .git (a container image)
 RUN_ID_FORM = "{version}_{sha8}_{YYYYMMDD_HHMMSS}, e.g. 1.57.0_a1b2c3d4_20260318_143022"
 _RUN_ID = re.compile(
     r"^(?P<version>\d+\.\d+\.\d+[0-9A-Za-z.+-]*)_(?P<sha8>[0-9a-f]{8})_(?P<stamp>\d{8}_\d{6})$"
 )
-_FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class InvalidRunId(ValueError):
@@ -41,7 +36,7 @@ class RunId:
 
 def make_run_id(version: str, sha: str, started_at: datetime | None = None) -> str:
     """Build a run_id from the package version, the pinned SHA and the (UTC) start time."""
-    if not _FULL_SHA.match(sha):
+    if not FULL_SHA.match(sha):
         raise InvalidRunId(f"pinned SHA {sha!r} is not a full 40-hex git SHA")
     when = (started_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     text = f"{version}_{sha[:8]}_{when:%Y%m%d_%H%M%S}"
@@ -64,21 +59,6 @@ def parse_run_id(text: str) -> RunId:
 
 def package_version() -> str:
     return metadata.version(DISTRIBUTION)
-
-
-def running_code_sha() -> str:
-    """The SHA of the code this process runs: from the image's variable, else the source checkout."""
-    explicit = os.environ.get(CODE_SHA_VARIABLE)
-    if explicit:
-        if not _FULL_SHA.match(explicit):
-            raise InvalidRunId(f"{CODE_SHA_VARIABLE}={explicit!r}: expected the full 40-hex-digit (lowercase) SHA of the running code")
-        return explicit
-    try:
-        return resolve_sha(SOURCE_ROOT)
-    except GitError as exc:
-        raise VersionSkewError(
-            f"cannot tell which code is running ({exc}); set {CODE_SHA_VARIABLE} to the image's SHA"
-        ) from None
 
 
 def ensure_no_skew(run_id: str, pinned_sha: str, step: str, running_sha: str | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from dagster import AssetSelection, define_asset_job, multiprocess_executor
 
+from resources.lineage import LineageSettings
+from resources.run_store import LocalRunStore
 
 RELEASE_JOB = "release"
 
@@ -37,3 +39,18 @@ promote_job = define_asset_job(
     tags={JOB_TAG: PROMOTE_JOB},
     description="Promote one run_id partition to a release version (config: version, allow_dirty).",
 )
+
+
+def job_run_config(store: LocalRunStore, running_sha: str | None, compute: dict | None = None, lineage: dict | None = None) -> dict:
+    """Resources configured explicitly, not through the environment: the run executes in a process
+    the instance's run launcher starts, whose environment is not the caller's. Dagster's console log stays at warnings (the UI has it all).
+    `lineage` is the lineage resource's config (transport, url, directory), checked here so a bad one
+    refuses the run before it starts."""
+    code = {"sha": running_sha} if running_sha else {}
+    resources = {"run_store": {"config": {"root": str(store.root)}}, "code": {"config": code}}
+    if compute:
+        resources["compute"] = {"config": compute}
+    if lineage:
+        LineageSettings.resolve(**lineage)
+        resources["lineage"] = {"config": lineage}
+    return {"resources": resources, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}

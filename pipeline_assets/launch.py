@@ -17,22 +17,21 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 import yaml
-
 from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from pipeline_assets.checks import failing_checks
 from pipeline_assets.driver import first_line, settle_run, start_run
-from pipeline_assets.identity import SOURCE_ROOT, ensure_no_skew, running_code_sha
-from pipeline_assets.jobs import PROMOTE_JOB, RELEASE_JOB
+from pipeline_assets.identity import ensure_no_skew
+from pipeline_assets.jobs import PROMOTE_JOB, RELEASE_JOB, job_run_config
 from pipeline_assets.partitions import RELEASE_VERSIONS, RUN_IDS
 from pipeline_assets.promotion import PromotionFailed, PromotionRefused
 from pipeline_assets.release import REFUSED_TAG
+from pipeline_assets.run_events import run_check_evaluations, run_step_failure
 from pipeline_assets.run_start import PARTITION_TAG, run_tags
 from pipeline_assets.steps.config import RunConfig
 from resources.files import write_bytes_atomic
-from resources.git import CodeState
+from resources.git import SOURCE_ROOT, CodeState, running_code_sha
 from resources.ledger import GitLedger, configured_ledger
-from resources.lineage import LineageSettings
 from resources.run_store import (
     LocalRunStore,
     RunError,
@@ -148,23 +147,6 @@ def _watch_steps(store: LocalRunStore, run_id: str, report: Callable[[str, str, 
             return
 
 
-def job_run_config(store: LocalRunStore, running_sha: str | None, compute: dict | None = None, lineage: dict | None = None) -> dict:
-    """Resources configured explicitly, not through the environment: the run executes in a process
-    the instance's run launcher starts, whose environment is not the caller's. Dagster's console log stays at warnings (the UI has it all).
-    `lineage` is the lineage resource's config (transport, url, directory), checked here so a bad one
-    refuses the run before it starts."""
-    code = {"sha": running_sha} if running_sha else {}
-    resources = {"run_store": {"config": {"root": str(store.root)}}, "code": {"config": code}}
-    if compute:
-        resources["compute"] = {"config": compute}
-    if lineage:
-        LineageSettings.resolve(**lineage)
-        resources["lineage"] = {"config": lineage}
-    return {"resources": resources, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-
-
 def launch_release(
     store: LocalRunStore,
     instance: DagsterInstance,
@@ -239,38 +221,6 @@ def fail_abandoned_dagster_runs(instance: DagsterInstance, run_id: str) -> None:
     for dagster_run in instance.get_runs(RunsFilter(tags={PARTITION_TAG: run_id})):
         if not dagster_run.is_finished:
             instance.report_run_failed(dagster_run, message=f"the orchestrator of run {run_id} died")
-
-
-def step_failure_error(events) -> RunError | None:
-    """The first failed step of a Dagster run (from its events) with its error's first line: the
-    user's own exception, not Dagster's wrapper around it. A failure whose error says nothing but
-    its type (a step process that died) is told by the executor's error event for that step
-    (the exit code or signal)."""
-    failure = next((e for e in events if e.event_type == DagsterEventType.STEP_FAILURE), None)
-    if failure is None:
-        return None
-    error = failure.step_failure_data.error
-    while error and error.cause:
-        error = error.cause
-    message = (error.message.strip() if error else "") or failure.message or ""
-    if error and message.endswith(error.cls_name):
-        explained = [e.message for e in events if e.event_type == DagsterEventType.ENGINE_EVENT
-                     and e.step_key == failure.step_key and e.engine_event_data.error is not None]
-        message = explained[-1].split(". ")[0] if explained else message
-    line = next(iter(message.strip().splitlines()), f"step {failure.step_key} failed")
-    return RunError(step=failure.step_key, message=line)
-
-
-def run_step_failure(instance: DagsterInstance, dagster_run_id: str) -> RunError | None:
-    """step_failure_error of a Dagster run, from the instance's event log."""
-    logs = instance.all_logs(dagster_run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.ENGINE_EVENT})
-    return step_failure_error([entry.dagster_event for entry in logs])
-
-
-def run_check_evaluations(instance: DagsterInstance, dagster_run_id: str) -> list:
-    """Every asset check evaluation a Dagster run recorded."""
-    entries = instance.all_logs(dagster_run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
-    return [entry.dagster_event.asset_check_evaluation_data for entry in entries]
 
 
 class LaunchNeverStarted(RuntimeError):

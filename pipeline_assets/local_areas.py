@@ -14,9 +14,9 @@ from pipeline_assets.driver import recorded_step
 from pipeline_assets.materialize import OWNERS, file_metadata, identity_metadata, rounded, worker_environment_metadata
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.run_start import open_run
-from pipeline_assets.tro import signer_from_environment, write_tro
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.database import population_targets
+from pipeline_assets.tro import signer_from_environment, write_tro
 from resources.dagster_resources import CodeResource, ComputeResource, LineageResource, RunStoreResource, RuntimeResource
 
 AREA_GROUPS = {"state": "states", "district": "districts", "city": "cities"}

@@ -16,7 +16,6 @@ from resources.dagster_resources import CodeResource, ComputeResource, LineageRe
 from resources.run_store import RunMeta
 from resources.runtime import RuntimeEnvironment
 
-
 OWNERS = ["team:microdata"]
 SIGNIFICANT_DIGITS = 6
 

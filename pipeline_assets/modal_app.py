@@ -22,10 +22,11 @@ from pathlib import Path
 
 import modal
 
-from pipeline_assets.identity import CODE_SHA_VARIABLE, SOURCE_ROOT, ensure_no_skew
+from pipeline_assets.identity import ensure_no_skew
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import FitConfig
 from pipeline_assets.steps.local_areas import build_area_h5, load_area_inputs
+from resources.git import CODE_SHA_VARIABLE, SOURCE_ROOT
 from resources.modal_compute import APP_NAME, AREA_INPUTS
 from resources.runtime import capture
 

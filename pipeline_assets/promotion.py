@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 from pydantic import BaseModel
 
-from pipeline_assets import stages
+from pipeline_assets import stages, step_graph
 from pipeline_assets.reuse import read_record
 from pipeline_assets.tro import (
     RELEASE_ARRANGEMENT_ID,
@@ -114,7 +114,7 @@ def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
     """Hard-link the run's published files and its latest TRO (written now if the run has none yet)
     under staging/{run_id}/, with the hashes the steps recorded when they wrote them (promotion
     re-verifies every one against the TRO before anything is published)."""
-    recorded = {rel: digest for step in stages.STEP_ORDER if (record := read_record(store, run_id, step))
+    recorded = {rel: digest for step in step_graph.STEP_ORDER if (record := read_record(store, run_id, step))
                 for rel, digest in record.outputs.items()}
     missing = [rel for rel in stages.AREAS_BY_PATH if rel not in recorded or not store.path(store.run_key(run_id, rel)).is_file()]
     if missing:
@@ -175,7 +175,8 @@ def check_promotable(store: LocalRunStore, run_id: str, version: str, registry: 
     if meta.status is not RunStatus.completed:
         raise PromotionRefused(f"run {run_id} is {meta.status.value}: only a completed run can be promoted")
     if meta.dirty and not allow_dirty:
-        raise PromotionRefused(f"run {run_id} was made from a dirty work tree (diff {meta.diff_sha256[:12]}); pass --allow-dirty to promote it anyway")
+        raise PromotionRefused(f"run {run_id} was made from a dirty work tree (diff {meta.diff_sha256[:12]}); "
+                               "pass --allow-dirty to promote it anyway")
     if any(entry.version == version for entry in registry.read().versions):
         raise PromotionRefused(f"version {version} is already in the registry: versions are never rewritten")
     report = verify_run(store, run_id)
@@ -348,8 +349,6 @@ def verify_production(
                           entry.tro_sha256)
 
 
-def referenced_runs(registry: RegistryBackend) -> set[str]:
-    return {entry.run_id for entry in registry.read().versions}
 def referenced_runs(store: LocalRunStore, registries: list[RegistryBackend]) -> set[str]:
     """Every run a registry entry names or a TRO under production/{version}/ names (a release's TRO
     and the run TRO it publishes). A file there that cannot be read refuses: clean cannot tell

@@ -31,7 +31,6 @@ from resources.compute import mark_step_process
 from resources.dagster_resources import ReleaseBackendsResource, RunStoreResource
 from resources.registry import InvalidVersion, VersionManifest
 
-
 PROMOTION_CODE_VERSION = code_version("pipeline_assets.promotion")
 
 

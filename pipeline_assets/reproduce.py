@@ -12,14 +12,15 @@ from typing import Any, Callable
 from dagster import DagsterInstance
 from pydantic import BaseModel
 
-from pipeline_assets.identity import ensure_no_skew, running_code_sha
+from pipeline_assets.identity import ensure_no_skew
 from pipeline_assets.identity_contract import env_id
 from pipeline_assets.launch import launch_release
 from pipeline_assets.reuse import read_record
-from pipeline_assets.stages import DIAGNOSTICS, STEP_ORDER
+from pipeline_assets.stages import DIAGNOSTICS
+from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.steps.config import RunConfig
 from pipeline_assets.tro import run_files, signer_from_environment, write_tro
-from resources.git import CodeState
+from resources.git import CodeState, running_code_sha
 from resources.run_store import SEALED, LocalRunStore, RunStatus, RunStoreError
 from resources.runtime import RuntimeEnvironment, capture
 

@@ -12,17 +12,6 @@ from itertools import chain
 from pathlib import Path
 from typing import Generator, Iterator
 
-from pipeline_assets.step_graph import STEP_INPUTS, STEP_ORDER  # stages.STEP_ORDER: the name the rest of the package uses
-from pipeline_assets.steps import database, datasets, geography, uprating
-from pipeline_assets.steps.calibration import build_calibration_package
-from pipeline_assets.steps.config import FitConfig, RunConfig
-from pipeline_assets.steps.database import build_database
-from pipeline_assets.steps.datasets import build_datasets
-from pipeline_assets.steps.diagnostics import write_diagnostics
-from resources.files import atomic_path
-from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
-from pipeline_assets.steps.model_validation import ModelEnvironmentInfo, ModelFigures, sampled, validate_with_model
-from pipeline_assets.steps.results import StepResult
 from pipeline_assets.code_versions import code_version
 from pipeline_assets.identity_contract import env_id, hashed_config, step_config_hash
 from pipeline_assets.reuse import (
@@ -37,10 +26,21 @@ from pipeline_assets.reuse import (
     verifies,
     write_record,
 )
+from pipeline_assets.step_graph import STEP_INPUTS
+from pipeline_assets.steps import database, datasets, geography, uprating
+from pipeline_assets.steps.calibration import build_calibration_package
+from pipeline_assets.steps.config import FitConfig, RunConfig
+from pipeline_assets.steps.database import build_database
+from pipeline_assets.steps.datasets import build_datasets
+from pipeline_assets.steps.diagnostics import write_diagnostics
+from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
+from pipeline_assets.steps.model_validation import ModelEnvironmentInfo, ModelFigures, sampled, validate_with_model
+from pipeline_assets.steps.results import StepResult
 from pipeline_assets.tro import SealedRunLender
 from resources.compute import LocalPool
-from resources.runtime import RuntimeEnvironment
+from resources.files import atomic_path
 from resources.run_store import SEALED, LocalRunStore, RunStoreError, utcnow
+from resources.runtime import RuntimeEnvironment
 
 ARTIFACTS = {
     "policy_data_db": "artifacts/policy_data.db",

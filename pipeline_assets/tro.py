@@ -3,9 +3,10 @@
 The TRO is built from what the run already recorded (meta.json, steps/*.json, whose raw_inputs are
 the hashes of the raw input bytes each step read), so writing it re-hashes nothing large;
 `verify_run` is where every file is hashed again, over every revision of the TRO. Each revision names
-the sha256 of the one before it, so a chain cannot be re-ordered or a revision swapped in unnoticed. The layout is the one tro-utils 0.5.2 reads and writes (one node in `@graph`, the
-fingerprint's hash under `trov:hash`, performances bound to arrangements through
-`trov:ArrangementBinding`), so that an independent tool agrees with us on what a run contains.
+the sha256 of the one before it, so a chain cannot be re-ordered or a revision swapped in unnoticed.
+The layout is the one tro-utils 0.5.2 reads and writes (one node in `@graph`, the fingerprint's
+hash under `trov:hash`, performances bound to arrangements through `trov:ArrangementBinding`),
+so that an independent tool agrees with us on what a run contains.
 It is also the one PolicyEngine's published TRO schema accepts (`@context` an array; `pe:emittedIn`
 and `pe:dataBuildId` on each performance) and it meets TRACE's tro-checks LINKABLE-TRO tier: an
 `@base` of its own per TRO and an `@id` on every node, so no two TROs' identifiers collide.

@@ -257,7 +257,3 @@ class LocalPool:
                     raise
         finally:
             _worker_state.clear()
-
-    def map_with_inputs(self, *args) -> list:
-        """iter_with_inputs, all at once."""
-        return list(self.iter_with_inputs(*args))

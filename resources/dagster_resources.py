@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dagster import ConfigurableResource
 
-from pipeline_assets.identity import running_code_sha
 from resources.compute import LocalPool
+from resources.git import running_code_sha
 from resources.lineage import Lineage, LineageSettings
 from resources.run_store import LocalRunStore
 from resources.runtime import RuntimeEnvironment, capture

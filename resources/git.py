@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+CODE_SHA_VARIABLE = "PIPELINE_CODE_SHA"  # set where the code has no .git (a container image)
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout this code runs from
+FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class GitError(RuntimeError):
@@ -70,3 +76,16 @@ def code_state(repo: Path, ref: str | None = None) -> CodeState:
 def _is_named_ref(repo: Path, ref: str) -> bool:
     """Whether `ref` is a branch or tag (git names it), not a SHA: a SHA is never recorded as a branch."""
     return bool(_git(repo, "rev-parse", "--symbolic-full-name", ref).strip())
+
+
+def running_code_sha() -> str:
+    """The SHA of the code this process runs: from the image's variable, else the source checkout."""
+    explicit = os.environ.get(CODE_SHA_VARIABLE)
+    if explicit:
+        if not FULL_SHA.match(explicit):
+            raise ValueError(f"{CODE_SHA_VARIABLE}={explicit!r}: expected the full 40-hex-digit (lowercase) SHA of the running code")
+        return explicit
+    try:
+        return resolve_sha(SOURCE_ROOT)
+    except GitError as exc:
+        raise GitError(f"cannot tell which code is running ({exc}); set {CODE_SHA_VARIABLE} to the image's SHA") from None

@@ -18,6 +18,7 @@ from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_ar
 from pipeline_assets.steps.results import StepResult
 from resources.compute import stripes
 from resources.files import write_bytes_atomic
+from resources.git import running_code_sha
 from resources.model_environment import AreaResult as ModelAreaResult
 from resources.model_environment import Interpreter, ModelEnvironment, ModelRun, env_id_of
 from resources.runtime import RuntimeEnvironment
@@ -69,8 +70,6 @@ class ModalCompute:
 
     def _sha(self) -> str:
         if self.pinned_sha is None:
-            from pipeline_assets.identity import running_code_sha
-
             self.pinned_sha = running_code_sha()
         return self.pinned_sha
 

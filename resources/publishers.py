@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import google_crc32c
-from dagster_gcp import GCSResource
 from google.api_core.exceptions import PreconditionFailed
 from google.cloud import storage
 from huggingface_hub import CommitOperationAdd
@@ -43,10 +42,6 @@ class PublishResult(BaseModel):
 
 class Publisher(Protocol):
     def publish(self, version: str, files: dict[str, Path]) -> PublishResult: ...
-
-
-def gcs_client_from_resource(resource: GCSResource) -> storage.Client:
-    return resource.get_client()
 
 
 def _check_release(version: str, files: dict[str, Path]) -> None:

@@ -13,9 +13,9 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 import threading
-import socket
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from resources.files import atomic_path, write_bytes_atomic
+from resources.files import write_bytes_atomic
 from resources.processes import process_alive, process_start_ticks
 
 STORE_VARIABLE = "PIPELINE_STORE"
@@ -412,11 +412,6 @@ class LocalRunStore:
     def write_run_json(self, run_id: str, rel: str, record: Any) -> Path:
         payload = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
         return self.write_run_file(run_id, rel, json.dumps(payload, indent=2, sort_keys=True).encode())
-
-    @contextlib.contextmanager
-    def atomic_run_file(self, run_id: str, rel: str) -> Iterator[Path]:
-        with atomic_path(self.output_path(run_id, rel)) as tmp:
-            yield tmp
 
 
 def settle_if_orphaned(store: LocalRunStore, run_id: str) -> RunMeta:

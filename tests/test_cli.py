@@ -17,11 +17,10 @@ import yaml
 
 from pipeline_assets.cli import main
 from pipeline_assets.driver import start_run
-from pipeline_assets.identity import SOURCE_ROOT
-from pipeline_assets.run_start import START_TAGS, run_tags
 from pipeline_assets.identity_contract import config_hash
+from pipeline_assets.run_start import START_TAGS, run_tags
 from pipeline_assets.steps.config import RunConfig, config_for_scale
-from resources.git import CodeState
+from resources.git import SOURCE_ROOT, CodeState
 from resources.run_store import LocalRunStore, RunStatus
 from tests.conftest import PINNED_SHA
 

@@ -12,8 +12,10 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInsta
 from pipeline_assets import defs
 from pipeline_assets.driver import start_run
 from pipeline_assets.identity_contract import config_hash
-from pipeline_assets.launch import job_run_config, launch_release, step_failure_error
+from pipeline_assets.jobs import job_run_config
+from pipeline_assets.launch import launch_release
 from pipeline_assets.partitions import RUN_IDS
+from pipeline_assets.run_events import step_failure_error
 from pipeline_assets.run_start import START_TAGS, run_tags
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.model_validation import ModelValidationRecord

@@ -17,10 +17,10 @@ from pipeline_assets.cli import main
 from pipeline_assets.driver import run_release
 from pipeline_assets.history import Difference, class_history, compare, history_verdict, list_runs, read_provenance, timeline
 from pipeline_assets.identity_contract import env_id
-from pipeline_assets.launch import job_run_config
+from pipeline_assets.jobs import job_run_config
 from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.reuse import StepRecord, read_record, record_key
-from pipeline_assets.stages import STEP_ORDER
+from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
 from resources.run_store import LocalRunStore, RunStatus
@@ -95,7 +95,8 @@ def test_rows_carry_meta_step_records_and_tro(history):
         assert row.status is RunStatus.completed and row.tro == "trace.tro.jsonld" and row.tro_fingerprint
         assert row.dataset_sha256 == dataset
         assert row.inputs and all(path.startswith("raw_inputs/") for path in row.inputs)
-        assert row.outputs["artifacts/state_weights.npy"] == read_record(history.store, row.run_id, "state_weights").outputs["artifacts/state_weights.npy"]
+        weights = "artifacts/state_weights.npy"
+        assert row.outputs[weights] == read_record(history.store, row.run_id, "state_weights").outputs[weights]
         fields = row.fields()
         assert fields["config.local_fit.epochs"] in (20, 30) and fields["env.python_version"]
         assert fields["step.state_weights.reuse"] in ("computed", "reused") and isinstance(fields[METRIC], float)

@@ -9,9 +9,8 @@ from pipeline_assets.identity import (
     ensure_no_skew,
     make_run_id,
     parse_run_id,
-    running_code_sha,
 )
-from resources.git import GitError, code_state
+from resources.git import GitError, code_state, running_code_sha
 
 SHA = "a1b2c3d4" + "0" * 32
 

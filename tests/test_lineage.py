@@ -14,7 +14,7 @@ from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, R
 from openlineage.client.facet_v2 import dataset_version_dataset, error_message_run, parent_run, tags_run
 from openlineage.client.serde import Serde
 
-from pipeline_assets import stages
+from pipeline_assets import stages, step_graph
 from pipeline_assets.driver import run_release
 from pipeline_assets.reuse import read_record
 from pipeline_assets.steps.config import config_for_scale
@@ -102,7 +102,7 @@ def assert_every_step_reported(store, run_id: str) -> dict[str, dict[str, RunEve
     """Each step of the run reported its START and COMPLETE, as assert_step_events requires; the
     events by step. The Dagster path's run is tests/test_dagster_release.py's end-to-end run."""
     steps = by_step(events_of(store.path(f"{LINEAGE_DIR}/{run_id}")))
-    assert set(steps) == set(stages.STEP_ORDER) and all(set(kinds) == {"START", "COMPLETE"} for kinds in steps.values())
+    assert set(steps) == set(step_graph.STEP_ORDER) and all(set(kinds) == {"START", "COMPLETE"} for kinds in steps.values())
     assert_step_events(store, run_id, steps)
     return steps
 
@@ -125,7 +125,7 @@ def test_a_failing_step_reports_fail_with_its_error(store):
     assert set(steps["local_areas"]) == {"START", "FAIL"}
     assert "no-such-start-method" in steps["local_areas"]["FAIL"].run.facets["errorMessage"].message
     assert_step_events(store, run_id, {"local_areas": steps["local_areas"]}, ended="FAIL")
-    assert "run_diagnostics" not in steps and all(set(steps[s]) == {"START", "COMPLETE"} for s in stages.STEP_ORDER[:5])
+    assert "run_diagnostics" not in steps and all(set(steps[s]) == {"START", "COMPLETE"} for s in step_graph.STEP_ORDER[:5])
 
 
 class Collector(BaseHTTPRequestHandler):
@@ -163,7 +163,7 @@ def test_http_transport_sends_the_api_key_and_writes_it_nowhere(store, collector
     lineage = Lineage(LineageSettings.resolve(transport="http", url=url), store.root)
     meta, _ = run_release(store, config_for_scale("tiny"), CODE, running_sha=PINNED_SHA, lineage=lineage)
 
-    assert len(received) == 2 * len(stages.STEP_ORDER)
+    assert len(received) == 2 * len(step_graph.STEP_ORDER)
     assert {path for path, _, _ in received} == {"/api/v1/lineage"}
     assert all(headers["Authorization"] == f"Bearer {secret}" for _, headers, _ in received)
     steps = by_step([parse(json.loads(body)) for _, _, body in received])

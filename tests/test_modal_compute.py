@@ -14,20 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_assets import modal_app
-from pipeline_assets import modal_model_app
+from pipeline_assets import modal_app, modal_model_app
 from pipeline_assets.identity import VersionSkewError
 from pipeline_assets.stages import H5_ROOT, artifact, fit_config
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.local_areas import build_area_h5, load_area_inputs
-from resources.files import sha256_file
 from resources import model_environment
 from resources.compute import stripes
+from resources.files import sha256_file
 from resources.modal_compute import ModalCompute
 from resources.model_environment import ModelEnvironment
-from tests.policyengine_dataset import PERIOD, write_area
 from tests.conftest import PINNED_SHA
+from tests.policyengine_dataset import PERIOD, write_area
 
 OTHER_SHA = "0badc0de" + "f" * 32
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +252,7 @@ def test_release_job_on_modal_records_each_remote_environment(tmp_path, monkeypa
 
     from pipeline_assets import defs
     from pipeline_assets.driver import start_run
-    from pipeline_assets.launch import job_run_config
+    from pipeline_assets.jobs import job_run_config
     from pipeline_assets.partitions import RUN_IDS
     from pipeline_assets.steps.config import config_for_scale
     from resources.git import CodeState

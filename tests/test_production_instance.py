@@ -17,10 +17,10 @@ from dagster import DagsterEventType, DagsterRunStatus, QueuedRunCoordinator, Ru
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
 from pipeline_assets import production_instance
-from pipeline_assets.identity import SOURCE_ROOT, running_code_sha
-from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.jobs import JOB_TAG, RELEASE_JOB, release_job
+from pipeline_assets.partitions import RUN_IDS
 from pipeline_assets.production_instance import PASSWORD_VARIABLE, ProductionInstance
+from resources.git import SOURCE_ROOT, running_code_sha
 from resources.run_store import LocalRunStore
 from tests.postgres import PostgresDatabase
 from tests.processes import stop_process_group

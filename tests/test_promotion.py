@@ -164,7 +164,8 @@ def test_promote_to_gcs_records_generations(store, gcs_client, gcs_bucket):
     publishers = {"local": LocalPublisher(store.root), "gcs": GcsPublisher(gcs_client, gcs_bucket.name)}
     registry = GcsRegistry(gcs_client, gcs_bucket.name)
     entry = promote(store, run_id, "5.0.0", publishers, registry)
-    assert entry.gcs.bucket == gcs_bucket.name and len(entry.gcs.generations) == len(json.loads(store.read_bytes(f"staging/{run_id}/manifest.json"))["files"]) + 1
+    staged = json.loads(store.read_bytes(f"staging/{run_id}/manifest.json"))["files"]
+    assert entry.gcs.bucket == gcs_bucket.name and len(entry.gcs.generations) == len(staged) + 1
     blob = "production/5.0.0/districts/AL-01.h5"
     data = gcs_bucket.blob(blob, generation=entry.gcs.generations[blob]).download_as_bytes()
     assert data == store.path(f"staging/{run_id}/districts/AL-01.h5").read_bytes()

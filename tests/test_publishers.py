@@ -17,7 +17,6 @@ from resources.publishers import (
     LocalPublisher,
     PublishError,
     PublishResult,
-    gcs_client_from_resource,
 )
 from resources.registry import HfInfo, InvalidVersion
 
@@ -102,7 +101,7 @@ def test_gcs_publisher_is_idempotent_and_never_overwrites(gcs_client, gcs_bucket
 
 def test_gcs_client_from_dagster_resource(gcs_endpoint, gcs_bucket, files, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
-    client = gcs_client_from_resource(GCSResource(project="test"))
+    client = GCSResource(project="test").get_client()
     result = GcsPublisher(client, gcs_bucket.name, prefix="releases").publish("2.0.0", files)
     assert gcs_bucket.get_blob("releases/2.0.0/trace.tro.jsonld").download_as_bytes() == (
         RELEASE["trace.tro.jsonld"]

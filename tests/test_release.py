@@ -11,17 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_assets import stages
+from pipeline_assets import stages, step_graph
 from pipeline_assets.driver import run_release
 from pipeline_assets.identity import VersionSkewError
 from pipeline_assets.steps import geography
+from pipeline_assets.steps import weights as weights_step
 from pipeline_assets.steps.calibration import household_feature, load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.datasets import load_dataset
 from pipeline_assets.steps.local_areas import MemberRows
 from pipeline_assets.steps.policyengine import INPUTS, layout_problems, read_variable
 from pipeline_assets.steps.uprating import cpi_u
-from pipeline_assets.steps import weights as weights_step
 from resources.compute import CoreShare, LocalPool, usable_cores
 from resources.files import sha256_file
 from resources.git import CodeState
@@ -33,7 +33,7 @@ STATE_POPULATION_TOLERANCE = 0.35  # tiny scale: 2,000 households spread over 48
 def test_run_completes_with_every_step_timed(tiny_release):
     store, meta, _ = tiny_release
     assert meta.status is RunStatus.completed
-    assert list(meta.step_timings) == list(stages.STEP_ORDER)
+    assert list(meta.step_timings) == list(step_graph.STEP_ORDER)
     assert all(t.status == "succeeded" and t.duration_s >= 0 for t in meta.step_timings.values())
     assert store.read_meta(meta.run_id).status is RunStatus.completed
 

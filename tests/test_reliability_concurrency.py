@@ -7,10 +7,8 @@ a run leaves the running run alone.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,10 +16,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from pipeline_assets.cli import main
 from pipeline_assets.driver import start_run
 from pipeline_assets.steps.config import config_for_scale
 from resources.git import CodeState
-from pipeline_assets.cli import main
 from resources.registry import LocalRegistry, VersionManifest
 from resources.run_store import LocalRunStore, RunStatus
 from tests.conftest import PINNED_SHA

@@ -29,10 +29,10 @@ import h5py
 import numpy as np
 import pytest
 
-from resources.compute import LocalPool, WorkerDied
-from resources.run_store import LocalRunStore, Orchestrator, RunMeta, RunStatus, settle_if_orphaned, settle_orphans
 from pipeline_assets.launch import worker_death
 from pipeline_assets.steps.config import config_for_scale
+from resources.compute import LocalPool, WorkerDied
+from resources.run_store import LocalRunStore, Orchestrator, RunMeta, RunStatus, settle_if_orphaned, settle_orphans
 from tests.conftest import PINNED_SHA
 from tests.processes import Proc, processes_of, wait_no_process_left
 
@@ -316,7 +316,7 @@ def test_a_failing_pool_worker_fails_the_step_promptly_and_stops_the_pool(tmp_pa
     monkeypatch.setenv("FAULT_HOW", how)
     started = time.monotonic()
     with pytest.raises((ValueError, WorkerDied), match=error):
-        LocalPool(2).map_with_inputs(_task, range(2000), _load, (), tmp_path)
+        list(LocalPool(2).iter_with_inputs(_task, range(2000), _load, (), tmp_path))
     assert time.monotonic() - started < 5  # 2000 items take 5 s on two workers: it did not finish them
     assert multiprocessing.active_children() == []
 
@@ -397,9 +397,9 @@ def test_a_staging_error_is_recorded_under_staged_release_with_its_first_line(tm
     from dagster import instance_for_test, materialize
 
     from pipeline_assets.driver import start_run
-    from pipeline_assets.launch import step_failure_error
     from pipeline_assets.partitions import RUN_IDS
     from pipeline_assets.release import staged_release
+    from pipeline_assets.run_events import step_failure_error
     from resources.dagster_resources import RunStoreResource
     from resources.git import CodeState
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_assets import stages
+from pipeline_assets import stages, step_graph
 from pipeline_assets.cli import main
 from pipeline_assets.driver import run_release
 from pipeline_assets.promotion import PromotionRefused, promote, rollback, stage_release
@@ -254,7 +254,7 @@ def test_a_tampered_run_fails_verify_and_is_neither_reused_nor_promoted(name, re
     assert not store.path("production").exists() and not store.path("version_manifest.json").exists()
 
     meta, _ = run_release(store, CONFIG, CODE, running_sha=PINNED_SHA)
-    for refused in not_reused or stages.STEP_ORDER:
+    for refused in not_reused or step_graph.STEP_ORDER:
         step, _, part = refused.partition(":")
         record = read_record(store, meta.run_id, step)
         if part:
@@ -296,7 +296,7 @@ def test_every_raw_input_a_step_opens_is_declared(sealed):
 def test_the_tro_lists_the_raw_input_bytes_the_steps_read(sealed):
     store, run_id, _ = sealed
     read = {}
-    for step in stages.STEP_ORDER:
+    for step in step_graph.STEP_ORDER:
         declared = stages.STEP_RAW_INPUTS.get(step, ())
         record = read_record(store, run_id, step)
         assert record.raw_inputs == {f"raw_inputs/{name}": sha256_file(geography.raw_input(name)) for name in declared}

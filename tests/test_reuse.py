@@ -11,8 +11,8 @@ import pytest
 from pipeline_assets import stages
 from pipeline_assets.driver import run_release, start_run
 from pipeline_assets.reuse import link_outputs, read_record
-from pipeline_assets.tro import TRO_NAME, tro_revisions, write_tro
 from pipeline_assets.steps.config import config_for_scale
+from pipeline_assets.tro import TRO_NAME, tro_revisions, write_tro
 from resources.git import CodeState
 from resources.run_store import RunStoreError
 from tests.conftest import PINNED_SHA, copy_store

@@ -24,10 +24,9 @@ from pipeline_assets.cli import main
 from pipeline_assets.driver import run_release, start_run
 from pipeline_assets.promotion import PromotionRefused, promote, stage_release
 from pipeline_assets.reuse import read_record, record_key
-from pipeline_assets.stages import STEP_ORDER
+from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.geography import raw_inputs_dir
-from resources.files import HASH_CHUNK_BYTES, sha256_file
 from pipeline_assets.tro import (
     CONTEXT,
     DEFAULT_TRO_BASE,
@@ -49,6 +48,7 @@ from pipeline_assets.tro import (
     verify_run,
     write_tro,
 )
+from resources.files import HASH_CHUNK_BYTES, sha256_file
 from resources.git import CodeState
 from resources.publishers import LocalPublisher
 from resources.registry import LocalRegistry

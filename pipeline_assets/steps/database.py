@@ -18,6 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
+from resources.files import atomic_path, sha256_file
+
 from .config import DatabaseConfig
 from .geography import (
     COUNTY_SHARES,
@@ -30,7 +32,6 @@ from .geography import (
     districts,
     raw_input,
 )
-from resources.files import atomic_path, sha256_file
 from .results import StepResult
 
 SCHEMA_VERSION = "1"

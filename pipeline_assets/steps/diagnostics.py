@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline_assets.steps.calibration import load_calibration_package, relative_errors
-from resources.files import atomic_path, write_bytes_atomic
 from pipeline_assets.steps.results import StepResult
+from resources.files import atomic_path, write_bytes_atomic
 
 VALIDATION_COLUMNS = ["area", "level", "variable", "stratum", "target", "estimate", "error", "rel_error", "rel_abs_error"]
 

@@ -16,8 +16,8 @@ from l0.calibration import SparseCalibrationWeights
 
 from pipeline_assets.steps.calibration import LOG_COLUMNS, CalibrationPackage, load_calibration_package, relative_errors
 from pipeline_assets.steps.config import FitConfig
-from resources.files import atomic_path
 from pipeline_assets.steps.results import StepResult
+from resources.files import atomic_path
 
 SCOPE_LEVELS = {"local": ("state", "district"), "national": ("national",)}
 
