@@ -312,6 +312,15 @@ def worker_death(store: LocalRunStore, run_id: str) -> RunError | None:
     return settle_if_orphaned(store, run_id).error
 
 
+def wait_for_orchestrator_exit(store: LocalRunStore, run_id: str, timeout_s: float = 30) -> None:
+    """A finished Dagster run's worker still writes its last events: the command returns once the worker
+    has exited, so whatever follows it (another command, removing the instance) finds the instance at rest."""
+    orchestrator = store.read_meta(run_id).orchestrator
+    deadline = time.monotonic() + timeout_s
+    while orchestrator is not None and not orchestrator.is_gone() and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS / 10)
+
+
 def _launch(store, instance, run_id, run_config, tags, report, ledger, op_selection: list[str] | None = None) -> LaunchOutcome:
     """Submit the release job for `run_id`, report its steps while it runs, and settle the run from
     what it recorded: the first step failure (a killed step process included) under that step, else
@@ -335,6 +344,7 @@ def _launch(store, instance, run_id, run_config, tags, report, ledger, op_select
     finally:
         done.set()
         watcher.join()
+    wait_for_orchestrator_exit(store, run_id)
     dagster_run_id = run.run_id
     success = run.status is DagsterRunStatus.SUCCESS
     evaluations = run_check_evaluations(instance, dagster_run_id)

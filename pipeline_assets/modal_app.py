@@ -47,9 +47,8 @@ def fit_from_bytes(package_bytes: bytes, config_json: str, pinned_sha: str) -> d
         package.write_bytes(package_bytes)
         result = fit_weights(package, tmp / "weights.npy", tmp / "calibration_log.csv", config)
         return {
-            "weights": result.outputs["weights"].read_bytes(),
-            "calibration_log": result.outputs["calibration_log"].read_bytes(),
-            "figures": dict(result.figures),
+            "files": {name: path.read_bytes() for name, path in result.outputs.items()},
+            "result": result,
             "environment": capture().model_dump(),
         }
 
@@ -76,7 +75,7 @@ def areas_from_bytes(inputs: dict[str, bytes], area_codes: list[str], pinned_sha
             out.append({
                 "relpath": result.relpath,
                 "data": (tmp / "h5s" / result.relpath).read_bytes(),
-                "result": result.model_dump(),
+                "result": result,
                 "environment": environment,
             })
         return out

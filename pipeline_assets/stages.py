@@ -152,8 +152,11 @@ def fit_config(config: RunConfig, step: str) -> FitConfig:
 
 def run_fit(store: LocalRunStore, run_id: str, config: RunConfig, step: str, compute) -> StepResult:
     """Fit one scope's weights on the compute resource (the local process, or a remote GPU)."""
+    from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
+
     log_name = "state_calibration_log" if FIT_SCOPES[step] == "local" else "national_calibration_log"
     return compute.fit(
+        fit_weights,
         artifact(store, run_id, "calibration_package"),
         output(store, run_id, step),
         output(store, run_id, log_name),
@@ -239,7 +242,7 @@ def model_on(compute):
         run = compute.run_model(paths, period)
         environment = ModelEnvironmentInfo(env_id=run.env_id, ran_on=run.ran_on, libraries={
             name: version for name, version in run.library_versions.items() if version})
-        return environment, [ModelFigures.model_validate(area.model_dump()) for area in run.areas]
+        return environment, [ModelFigures.model_validate(area) for area in run.areas]
     return run_model
 
 

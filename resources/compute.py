@@ -199,11 +199,9 @@ class LocalPool:
         self.start_method = start_method or default_start_method()
         self.cores = cores or CoreShare()
 
-    def fit(self, package_path: Path, weights_path: Path, log_path: Path, config):
-        """Fit weights in this process: a fit is one process, on the config's torch threads, else on
-        its share of the cores among the fits running here, re-divided while it runs."""
-        from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
-
+    def fit(self, fit_weights: Callable, package_path: Path, weights_path: Path, log_path: Path, config):
+        """Run the fit step function `fit_weights` in this process: a fit is one process, on the config's
+        torch threads, else on its share of the cores among the fits running here, re-divided while it runs."""
         if config.threads:
             return fit_weights(package_path, weights_path, log_path, config)
         with self.cores.joined() as share:

@@ -10,17 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-HASH_CHUNK_BYTES = 1 << 20
 PUBLISHED_MODE = 0o644
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hash a file in fixed-size chunks so memory stays bounded whatever its size."""
-    digest = hashlib.sha256()
+    """The file's sha256, read in chunks so memory stays bounded whatever its size."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

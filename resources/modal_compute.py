@@ -10,17 +10,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from pipeline_assets.steps.config import FitConfig
-from pipeline_assets.steps.geography import Area
-from pipeline_assets.steps.local_areas import AreaResult, build_area_h5, load_area_inputs
-from pipeline_assets.steps.results import StepResult
 from resources.compute import stripes
 from resources.files import write_bytes_atomic
 from resources.git import running_code_sha
-from resources.model_environment import AreaResult as ModelAreaResult
-from resources.model_environment import Interpreter, ModelEnvironment, ModelRun, env_id_of
+from resources.model_environment import Interpreter, ModelEnvironment, ModelRun, RunnerAnswer, env_id_of, model_run
 from resources.runtime import RuntimeEnvironment
 
 APP_NAME = "usdata-pipeline"
@@ -28,6 +23,10 @@ MODEL_APP_NAME = "usdata-pipeline-model"  # pipeline_assets/modal_model_app.py: 
 MODEL_FUNCTION_NAME = "model_remote"
 # The input files of the area builds, named as load_area_inputs' parameters (in its order).
 AREA_INPUTS = ("dataset", "package", "local_weights", "national_weights")
+# The step functions the deployed app runs (pipeline_assets/modal_app.py), by name: each one's remote,
+# and for a mapped task the loader its remote loads the inputs with. The steps' code is the image's.
+FIT_REMOTE = {"fit_weights": "fit_remote"}
+AREAS_REMOTE = {("build_area_h5", "load_area_inputs"): "build_areas_remote"}
 
 
 class ModalCompute:
@@ -73,25 +72,26 @@ class ModalCompute:
             self.pinned_sha = running_code_sha()
         return self.pinned_sha
 
-    def map_with_inputs(self, task, items: Iterable[Area], loader, loader_args: tuple, out_root: Path) -> list[AreaResult]:
-        """Build the areas on `workers` remote containers; each loads the inputs once per chunk."""
-        if task is not build_area_h5 or loader is not load_area_inputs:
-            raise ValueError("the Modal app builds areas with build_area_h5 over load_area_inputs only")
+    def map_with_inputs(self, task: Callable, items: Iterable, loader: Callable, loader_args: tuple, out_root: Path) -> list:
+        """Build the areas (items with a code and a relpath) on `workers` remote containers; each loads
+        the inputs once per chunk. The remote's results come back as the step's own objects."""
+        remote = AREAS_REMOTE.get((task.__name__, loader.__name__))
+        if remote is None:
+            raise ValueError(f"the Modal app maps {' and '.join(t for t, _ in AREAS_REMOTE)} over "
+                             f"{' and '.join(lo for _, lo in AREAS_REMOTE)} only, not {task.__name__} over {loader.__name__}")
         areas = list(items)
         if not areas:
             return []
         inputs = {name: Path(path).read_bytes() for name, path in zip(AREA_INPUTS, loader_args, strict=True)}
         chunks = stripes([area.code for area in areas], self.workers)
-        replies = self._function("build_areas_remote").map(
-            [inputs] * len(chunks), chunks, [self._sha()] * len(chunks)
-        )
+        replies = self._function(remote).map([inputs] * len(chunks), chunks, [self._sha()] * len(chunks))
         by_code = {area.code: area for area in areas}
-        results: dict[str, AreaResult] = {}
+        results = {}
         environments = []
         for reply in replies:
             environments.append(RuntimeEnvironment.model_validate(reply[0]["environment"]))
             for entry in reply:
-                result = AreaResult.model_validate(entry["result"])
+                result = entry["result"]
                 area = by_code.get(result.area)
                 if area is None or entry["relpath"] != area.relpath or result.relpath != area.relpath:
                     raise RuntimeError(f"the remote returned {entry['relpath']!r}, which was not asked for")
@@ -106,20 +106,21 @@ class ModalCompute:
         self.last_environments = environments
         return [results[area.code] for area in areas]
 
-    def iter_with_inputs(self, *args) -> Iterator[AreaResult]:
+    def iter_with_inputs(self, *args) -> Iterator:
         """map_with_inputs as an iterator: the remote replies are checked together, then reported."""
         return iter(self.map_with_inputs(*args))
 
-    def fit(self, package_path: Path, weights_path: Path, log_path: Path, config: FitConfig) -> StepResult:
-        """Fit weights on a remote `gpu`; write the weights and calibration log here."""
-        fit_remote = self._function("fit_remote").with_options(gpu=self.gpu)
+    def fit(self, fit_weights: Callable, package_path: Path, weights_path: Path, log_path: Path, config):
+        """Run the fit step function `fit_weights` on a remote `gpu`; write the weights and calibration log here."""
+        if fit_weights.__name__ not in FIT_REMOTE:
+            raise ValueError(f"the Modal app fits with {' and '.join(FIT_REMOTE)} only, not {fit_weights.__name__}")
+        fit_remote = self._function(FIT_REMOTE[fit_weights.__name__]).with_options(gpu=self.gpu)
         reply = fit_remote.remote(Path(package_path).read_bytes(), config.model_dump_json(), self._sha())
-        write_bytes_atomic(weights_path, reply["weights"])
-        write_bytes_atomic(log_path, reply["calibration_log"])
+        outputs = {"weights": Path(weights_path), "calibration_log": Path(log_path)}
+        for name, path in outputs.items():
+            write_bytes_atomic(path, reply["files"][name])
         self.last_environments = [RuntimeEnvironment.model_validate(reply["environment"])]
-        return StepResult(
-            outputs={"weights": Path(weights_path), "calibration_log": Path(log_path)}, figures=reply["figures"]
-        )
+        return reply["result"].model_copy(update={"outputs": outputs})  # the step's result, with the files as written here
 
     def run_model(self, paths: list[Path], period: int) -> ModelRun:
         """PolicyEngine-US on the area files in `workers` containers of the model's image, each sent its
@@ -134,17 +135,8 @@ class ModalCompute:
         interpreters = {Interpreter.model_validate(reply["interpreter"]) for reply in replies}
         if len(interpreters) != 1:
             raise RuntimeError(f"the model's containers ran on different interpreters: {sorted(map(str, interpreters))}")
-        readies = [next(line for line in reply["lines"] if line["kind"] == "ready") for reply in replies]
-        results = {line["path"]: ModelAreaResult.model_validate(line)
-                   for reply in replies for line in reply["lines"] if line["kind"] == "area"}
-        unasked = sorted(set(results) - {str(path) for path in paths})
-        if unasked:
-            raise RuntimeError(f"the model's containers returned areas that were not asked for: {unasked}")
-        return ModelRun(
-            env_id=env_id_of(lock_sha256, interpreters.pop()), period=period,
-            import_seconds=max(ready["import_seconds"] for ready in readies),
-            library_versions=readies[0]["library_versions"],
-            areas=[results.get(str(path)) or ModelAreaResult(path=str(path), error=f"{path}: no result came back")
-                   for path in paths],
-            ran_on=[f"modal {reply['image_id']} {reply['task_id']} ({reply['region']})" for reply in replies],
-        )
+        return model_run(env_id_of(lock_sha256, interpreters.pop()), period, [str(path) for path in paths], chunks, [
+            RunnerAnswer(lines=reply["lines"], ran_on=f"modal {reply['image_id']} {reply['task_id']} ({reply['region']})",
+                         died="no result came back")
+            for reply in replies
+        ])

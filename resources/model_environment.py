@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -75,29 +76,12 @@ class EnvironmentRecord(BaseModel):
     build_seconds: float
 
 
-class AreaResult(BaseModel):
-    """The model's weighted totals over one area file, or why it could not compute them."""
-
-    path: str
-    persons: float | None = None
-    households: float | None = None
-    income_tax: float | None = None
-    eitc: float | None = None
-    snap: float | None = None
-    snap_households: float | None = None
-    household_net_income: float | None = None
-    load_seconds: float | None = None
-    compute_seconds: float | None = None
-    unknown_variables: list[str] = []  # in the file but not the model's: the model ignores them
-    error: str | None = None
-
-
 class ModelRun(BaseModel):
     env_id: str
     period: int
     import_seconds: float
     library_versions: dict[str, str | None]
-    areas: list[AreaResult]
+    areas: list[dict]  # per area file: the runner's figures (path, persons, ..., error); the step reads them
     ran_on: list[str]  # each runner: a local process on a host, or a Modal container
 
 
@@ -295,19 +279,38 @@ class ModelEnvironment(BaseModel):
         with ThreadPoolExecutor(len(runners)) as threads:
             answers = list(threads.map(lambda runner, chunk: _answer(runner, {"period": period, "areas": chunk}, timeout),
                                        runners, chunks))
-        readies, results = [], {}
-        for chunk, (lines, returncode, stderr) in zip(chunks, answers):
-            ready = next((line for line in lines if line["kind"] == "ready"), None)
-            if ready is None:
-                raise ModelEnvironmentError(f"the model runner failed before its first area (exit {returncode}): "
-                                            f"{_last_line(stderr)}")
-            readies.append(ready)
-            died = f"the model runner exited with code {returncode} before this area: {_last_line(stderr)}"
-            found = {line["path"]: AreaResult.model_validate(line) for line in lines if line["kind"] == "area"}
-            results.update({path: found.get(path) or AreaResult(path=path, error=f"{path}: {died}") for path in chunk})
-        return ModelRun(env_id=record.env_id, period=period, import_seconds=max(r["import_seconds"] for r in readies),
-                        library_versions=readies[0]["library_versions"], areas=[results[path] for path in paths],
-                        ran_on=[f"local pid {runner.pid} on {socket.gethostname()}" for runner in runners])
+        return model_run(record.env_id, period, paths, chunks, [
+            RunnerAnswer(lines=lines, ran_on=f"local pid {runner.pid} on {socket.gethostname()}",
+                         died=f"the model runner exited with code {returncode} before this area: {_last_line(stderr)}")
+            for runner, (lines, returncode, stderr) in zip(runners, answers)
+        ])
+
+
+@dataclass
+class RunnerAnswer:
+    """What one runner (a local process or a Modal container) sent back for its chunk of the areas."""
+
+    lines: list[dict]  # its JSON lines: one `ready`, then one `area` per file it computed
+    ran_on: str
+    died: str  # why an area of its chunk has no line
+
+
+def model_run(env_id: str, period: int, paths: list[str], chunks: list[list[str]], answers: list[RunnerAnswer]) -> ModelRun:
+    """One ModelRun of the runners' answers, each for its chunk of `paths`: an area with no line is an
+    error in its own result; a runner that never got ready, or answered for areas it was not sent, fails."""
+    readies, results = [], {}
+    for chunk, answer in zip(chunks, answers):
+        ready = next((line for line in answer.lines if line["kind"] == "ready"), None)
+        if ready is None:
+            raise ModelEnvironmentError(f"the model runner on {answer.ran_on} failed before its first area: {answer.died}")
+        readies.append(ready)
+        found = {line["path"]: {k: v for k, v in line.items() if k != "kind"} for line in answer.lines if line["kind"] == "area"}
+        if unasked := sorted(set(found) - set(chunk)):
+            raise ModelEnvironmentError(f"the model runner on {answer.ran_on} returned areas it was not sent: {unasked}")
+        results.update({path: found.get(path) or {"path": path, "error": f"{path}: {answer.died}"} for path in chunk})
+    return ModelRun(env_id=env_id, period=period, import_seconds=max(r["import_seconds"] for r in readies),
+                    library_versions=readies[0]["library_versions"], areas=[results[path] for path in paths],
+                    ran_on=[answer.ran_on for answer in answers])
 
 
 def _answer(runner: subprocess.Popen, request: dict, timeout: float | None) -> tuple[list[dict], int, str]:

@@ -23,7 +23,7 @@ from google.cloud import storage
 from huggingface_hub import CommitOperationAdd
 from pydantic import BaseModel
 
-from resources.files import HASH_CHUNK_BYTES, PUBLISHED_MODE, sha256_file
+from resources.files import PUBLISHED_MODE, sha256_file
 from resources.registry import GcsInfo, HfInfo, validate_version
 
 HF_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -54,10 +54,9 @@ def _check_release(version: str, files: dict[str, Path]) -> None:
 
 
 def _digest(hasher: Any, path: Path) -> Any:
+    """`hasher` (any object with update: a hashlib hash, a CRC32C checksum) fed the file's bytes."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            hasher.update(chunk)
-    return hasher
+        return hashlib.file_digest(handle, lambda: hasher)
 
 
 INCOMING = ".incoming"  # under production/: where copies are made before they are linked into a release

@@ -13,6 +13,7 @@ from pipeline_assets.driver import run_release
 from pipeline_assets.launch import instance_settings
 from pipeline_assets.promotion import stage_release
 from pipeline_assets.steps.config import config_for_scale
+from resources.compute import CoreShare, LocalPool
 from resources.git import CodeState
 from resources.run_store import LocalRunStore
 
@@ -30,10 +31,13 @@ pytest_plugins = ["tests.gcs_emulator", "tests.postgres", "tests.policyengine_wh
 
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory):
-    """(store, meta, step results) of one whole tiny stages."""
+    """(store, meta, step results) of one whole tiny release through the bare driver. Its fits divide
+    the cores among themselves only: a fit of another test running at the same moment does not count."""
     store = LocalRunStore(tmp_path_factory.mktemp("store"))
     code = CodeState(sha=PINNED_SHA, branch="main", dirty=False, diff_sha256=None)
-    meta, results = run_release(store, config_for_scale("tiny"), code, running_sha=PINNED_SHA)
+    config = config_for_scale("tiny")
+    pool = LocalPool(config.areas.workers, cores=CoreShare(tmp_path_factory.mktemp("fits")))
+    meta, results = run_release(store, config, code, pool=pool, running_sha=PINNED_SHA)
     return store, meta, results
 
 

@@ -20,6 +20,7 @@ from pipeline_assets.stages import H5_ROOT, artifact, fit_config
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.config import FitConfig, RunConfig
 from pipeline_assets.steps.local_areas import build_area_h5, load_area_inputs
+from pipeline_assets.steps.weights import fit_weights
 from resources import model_environment
 from resources.compute import stripes
 from resources.files import sha256_file
@@ -128,7 +129,7 @@ def test_fit_runs_on_the_configured_gpu_and_returns_its_environment(tiny_release
     functions = fake_functions(monkeypatch)
     compute = ModalCompute(gpu="H100", functions=functions, pinned_sha=PINNED_SHA)
 
-    result = compute.fit(artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
+    result = compute.fit(fit_weights, artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
 
     log = functions.fit_remote.log
     assert log.options == [{"gpu": "H100"}]
@@ -150,7 +151,7 @@ def test_a_cuda_fit_reaches_the_remote_as_cuda(tiny_release, tmp_path, monkeypat
     functions = fake_functions(monkeypatch)
     compute = ModalCompute(gpu="H100", functions=functions, pinned_sha=PINNED_SHA)
     with pytest.raises(ValueError, match="local fit device 'cuda'"):
-        compute.fit(artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
+        compute.fit(fit_weights, artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
     (call,) = functions.fit_remote.log.remote
     assert FitConfig.model_validate_json(call[1]).device == "cuda"
     assert not (tmp_path / "w.npy").exists()
@@ -163,7 +164,7 @@ def test_a_remote_running_other_code_refuses(tiny_release, tmp_path, monkeypatch
         compute.map_with_inputs(build_area_h5, some_areas(2), load_area_inputs, area_args(tiny_release), tmp_path)
     config = fit_config(RunConfig.model_validate(meta.config), "state_weights")
     with pytest.raises(VersionSkewError) as fit_error:
-        compute.fit(artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
+        compute.fit(fit_weights, artifact(store, meta.run_id, "calibration_package"), tmp_path / "w.npy", tmp_path / "log.csv", config)
     for error in (areas_error, fit_error):
         assert PINNED_SHA in str(error.value) and OTHER_SHA in str(error.value)
     assert not list(tmp_path.rglob("*"))  # nothing written
@@ -209,10 +210,10 @@ def test_the_model_runs_in_its_image_and_names_the_same_environment_as_locally(t
     functions = SimpleNamespace(model_remote=FakeModalFunction(model_container(model.lock_sha256()), monkeypatch))
     run = ModalCompute(workers=1, functions=functions, pinned_sha=PINNED_SHA).run_model([alabama.path, other.path], PERIOD)
     assert run.env_id == model.env_id() and run.library_versions["policyengine-us"] == "2.68.0"
-    assert [area.path for area in run.areas] == [str(alabama.path), str(other.path)]
+    assert [area["path"] for area in run.areas] == [str(alabama.path), str(other.path)]
     for fixture, area in zip((alabama, other), run.areas):
-        assert area.error is None and area.persons == pytest.approx(fixture.persons)
-    assert run.areas[1].eitc == pytest.approx(20.0 * 6960)
+        assert area.get("error") is None and area["persons"] == pytest.approx(fixture.persons)
+    assert run.areas[1]["eitc"] == pytest.approx(20.0 * 6960)
     assert run.ran_on == ["modal im-usdata123 ta-" + run.ran_on[0].split(" ta-")[1]]
     assert run.ran_on[0].endswith("(us-east-1)")
 
@@ -234,7 +235,7 @@ def test_a_model_image_of_another_lock_refuses_and_the_files_fan_out(tmp_path, m
     functions = SimpleNamespace(model_remote=FakeModalFunction(answer, monkeypatch))
     run = ModalCompute(workers=2, functions=functions).run_model(files, PERIOD)
     assert seen == [["AL.h5", "AZ.h5"], ["AK.h5"]] and len(run.ran_on) == 2
-    assert [area.persons for area in run.areas] == [float(path.stat().st_size) for path in files]
+    assert [area["persons"] for area in run.areas] == [float(path.stat().st_size) for path in files]
 
 
 def test_the_deploy_entry_point_defines_the_app():

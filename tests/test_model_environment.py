@@ -172,13 +172,13 @@ def test_the_areas_are_dealt_to_the_workers_and_come_back_in_order(fake, tmp_pat
     model = ModelEnvironment(root=root, lock=lock, installer=installer(), runner=runner)
     paths = [tmp_path / f"{name}.h5" for name in ("a", "b", "c", "die", "e", "f", "g")]
     run = model.run(paths, PERIOD, workers=3)
-    assert [Path(area.path).name for area in run.areas] == [path.name for path in paths]
+    assert [Path(area["path"]).name for area in run.areas] == [path.name for path in paths]
     assert len(run.ran_on) == 3 and len({ran.split()[2] for ran in run.ran_on}) == 3
     # Dealt round-robin: a, die, g to the first runner; b, e to the second; c, f to the third.
-    assert [area.persons for area in run.areas if area.error is None] == [0, 0, 0, 1, 1]
-    pids = {Path(area.path).stem: area.households for area in run.areas}
+    assert [area["persons"] for area in run.areas if "error" not in area] == [0, 0, 0, 1, 1]
+    pids = {Path(area["path"]).stem: area.get("households") for area in run.areas}
     assert pids["b"] == pids["e"] and pids["c"] == pids["f"] and len({pids["a"], pids["b"], pids["c"]}) == 3
-    died = {Path(area.path).stem: area.error for area in run.areas if area.error}
+    died = {Path(area["path"]).stem: area["error"] for area in run.areas if "error" in area}
     assert sorted(died) == ["die", "g"]
     assert died["g"].endswith("the model runner exited with code 1 before this area: killed while computing")
     assert run.env_id == model.env_id() and run.library_versions == {"policyengine-us": "0.0.0"}
@@ -193,17 +193,17 @@ def test_the_model_computes_each_area_and_reports_a_file_it_cannot_load(tmp_path
     model.ensure()  # `make model-env` built it; this builds it where it did not run
     run = model.run([alabama.path, other.path, old, last_year.path], PERIOD)
     assert run.library_versions["policyengine-us"] == "2.68.0" and run.period == PERIOD
-    results = {Path(area.path).name: area for area in run.areas}
+    results = {Path(area["path"]).name: area for area in run.areas}
     for fixture in (alabama, other):
         result = results[fixture.path.name]
-        assert result.error is None and result.unknown_variables == []
-        assert result.persons == pytest.approx(fixture.persons) and result.households == pytest.approx(fixture.households)
-        assert all(math.isfinite(v) for v in (result.income_tax, result.eitc, result.snap, result.household_net_income))
+        assert result.get("error") is None and result["unknown_variables"] == []
+        assert result["persons"] == pytest.approx(fixture.persons) and result["households"] == pytest.approx(fixture.households)
+        assert all(math.isfinite(v) for v in (result[m] for m in ("income_tax", "eitc", "snap", "household_net_income")))
     # The single parent of two earning $18,000 is on the EITC's plateau: 2024's $6,960, and no one
     # else in the fixture gets any. The inputs reached the model, weighted per file.
-    assert results["AL.h5"].eitc == pytest.approx(DEFAULT_WEIGHTS[1] * 6960)
-    assert results["CA.h5"].eitc == pytest.approx(20.0 * 6960)
-    assert results["old.h5"].error == (f"{old.resolve()}: the model cannot load it: AssertionError: Missing person_id column in "
+    assert results["AL.h5"]["eitc"] == pytest.approx(DEFAULT_WEIGHTS[1] * 6960)
+    assert results["CA.h5"]["eitc"] == pytest.approx(20.0 * 6960)
+    assert results["old.h5"]["error"] == (f"{old.resolve()}: the model cannot load it: AssertionError: Missing person_id column in "
                                        "the dataset. Each person entity must have an ID array defined for ETERNITY.")
-    assert results["2023.h5"].error == f"{last_year.path.resolve()}: no household_weight for {PERIOD} (the file has ['2023'])"
-    assert os.path.samefile(Path(run.areas[0].path), alabama.path)  # results in the order asked
+    assert results["2023.h5"]["error"] == f"{last_year.path.resolve()}: no household_weight for {PERIOD} (the file has ['2023'])"
+    assert os.path.samefile(Path(run.areas[0]["path"]), alabama.path)  # results in the order asked

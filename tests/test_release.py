@@ -15,7 +15,6 @@ from pipeline_assets import stages, step_graph
 from pipeline_assets.driver import run_release
 from pipeline_assets.identity import VersionSkewError
 from pipeline_assets.steps import geography
-from pipeline_assets.steps import weights as weights_step
 from pipeline_assets.steps.calibration import household_feature, load_calibration_package
 from pipeline_assets.steps.config import config_for_scale
 from pipeline_assets.steps.datasets import load_dataset
@@ -91,13 +90,16 @@ def test_the_cores_are_divided_among_the_fits_running_at_the_moment(tmp_path):
     assert share.share() == 4
 
 
-def test_a_fit_follows_its_share_and_an_explicit_thread_count_wins(tmp_path, monkeypatch):
+def test_a_fit_follows_its_share_and_an_explicit_thread_count_wins(tmp_path):
     asked = []
-    monkeypatch.setattr(weights_step, "fit_weights", lambda *args, cores=None: asked.append((args[3].threads, cores)))
+
+    def fit_weights(*args, cores=None):
+        asked.append((args[3].threads, cores))
+
     pool = LocalPool(cores=CoreShare(tmp_path / "fits", cores=4))
     fit = config_for_scale("tiny").local_fit
-    pool.fit(tmp_path / "p.h5", tmp_path / "w.npy", tmp_path / "log.csv", fit)
-    pool.fit(tmp_path / "p.h5", tmp_path / "w.npy", tmp_path / "log.csv", fit.model_copy(update={"threads": 3}))
+    pool.fit(fit_weights, tmp_path / "p.h5", tmp_path / "w.npy", tmp_path / "log.csv", fit)
+    pool.fit(fit_weights, tmp_path / "p.h5", tmp_path / "w.npy", tmp_path / "log.csv", fit.model_copy(update={"threads": 3}))
     (threads, share), (explicit, none) = asked
     assert threads is None and share() == 4 and explicit == 3 and none is None
 
