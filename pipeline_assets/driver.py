@@ -219,7 +219,7 @@ def run_release(
     def work(step: str):
         if step == "local_areas":
             return lambda: stages.execute_areas(store, run_id, pool, capture())
-        return lambda: stages.execute_step(store, run_id, step, config, capture())
+        return lambda: stages.execute_step(store, run_id, step, config, capture(), pool)  # the fits and the model on the pool
 
     results: dict[str, object] = {}
     try:

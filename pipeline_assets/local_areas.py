@@ -65,7 +65,7 @@ def _spec(area: geography.Area) -> AssetSpec:
     specs=[_spec(area) for area in ALL_AREAS],
     partitions_def=run_ids,
     can_subset=True,
-    code_version=stages.CODE_VERSIONS["local_areas"],
+    code_version=stages.STEPS["local_areas"].code_version,
 )
 def local_areas(
     context: AssetExecutionContext,

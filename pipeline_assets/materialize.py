@@ -131,7 +131,7 @@ def stage_asset(step: str, description: str, kinds: set[str], metadata: dict | N
     @asset(
         name=step,
         partitions_def=run_ids,
-        code_version=stages.CODE_VERSIONS[step],
+        code_version=stages.STEPS[step].code_version,
         group_name="release",
         deps=deps or [AssetKey(upstream) for upstream in stages.STEP_INPUTS[step]],
         kinds=kinds,
@@ -148,6 +148,6 @@ def stage_asset(step: str, description: str, kinds: set[str], metadata: dict | N
         compute: ComputeResource,
         lineage: LineageResource,
     ) -> MaterializeResult:
-        return execute_stage(context, run_store, runtime, code, compute, lineage, step, stages.PRIMARY_OUTPUTS[step])
+        return execute_stage(context, run_store, runtime, code, compute, lineage, step, stages.STEPS[step].primary_output)
 
     return stage

@@ -8,9 +8,11 @@ a run, the order of its steps and the reuse rule are written once.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
-from typing import Generator, Iterator
+from typing import Callable, Generator, Iterator
 
 from pipeline_assets.code_versions import code_version
 from pipeline_assets.identity_contract import env_id, hashed_config, step_config_hash
@@ -26,7 +28,7 @@ from pipeline_assets.reuse import (
     verifies,
     write_record,
 )
-from pipeline_assets.step_graph import STEP_INPUTS
+from pipeline_assets.step_graph import STEP_INPUTS, STEP_ORDER
 from pipeline_assets.steps import database, datasets, geography, uprating
 from pipeline_assets.steps.calibration import build_calibration_package
 from pipeline_assets.steps.config import FitConfig, RunConfig
@@ -53,45 +55,6 @@ ARTIFACTS = {
 }
 H5_ROOT = "h5s"
 DIAGNOSTICS = "diagnostics"
-# The file each single-output stage is known by (path, sha256 and size in its metadata).
-PRIMARY_OUTPUTS = {
-    **{step: ARTIFACTS[step] for step in ("policy_data_db", "source_datasets", "calibration_package", "state_weights", "national_weights")},
-    "run_diagnostics": f"{DIAGNOSTICS}/validation.csv",
-    "model_validation": f"{DIAGNOSTICS}/model_validation.json",
-}
-FIT_SCOPES = {"state_weights": "local", "national_weights": "national"}
-STEP_SOURCES = {
-    "policy_data_db": ("pipeline_assets.steps.database", "pipeline_assets.steps.geography"),
-    "source_datasets": ("pipeline_assets.steps.datasets", "pipeline_assets.steps.geography", "pipeline_assets.steps.h5io",
-                        "pipeline_assets.steps.policyengine", "pipeline_assets.steps.uprating"),
-    "calibration_package": ("pipeline_assets.steps.calibration", "pipeline_assets.steps.h5io", "pipeline_assets.steps.uprating"),
-    "state_weights": ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration"),
-    "national_weights": ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration"),
-    "local_areas": ("pipeline_assets.steps.local_areas", "pipeline_assets.steps.h5io", "pipeline_assets.steps.policyengine",
-                    "pipeline_assets.steps.geography"),
-    "run_diagnostics": ("pipeline_assets.steps.diagnostics",),
-    "model_validation": ("pipeline_assets.steps.model_validation",),
-}
-CODE_VERSIONS = {step: code_version(*modules) for step, modules in STEP_SOURCES.items()}
-# The packaged raw inputs each step reads (pipeline_assets/data/raw_inputs/), declared here once: their
-# bytes are hashed when the step starts, go into its record and reuse key, and must be unchanged when
-# it ends. The package and the area list read the geography (districts, populations, county shares).
-STEP_RAW_INPUTS = {
-    "policy_data_db": database.RAW_INPUT_FILES,
-    "source_datasets": datasets.RAW_INPUT_FILES,
-    "calibration_package": (*geography.GEOGRAPHY_FILES, uprating.CPI_FILE),
-    "local_areas": (geography.DISTRICT_LIST, geography.COUNTY_FIPS),
-    "model_validation": (geography.DISTRICT_LIST,),
-}
-# The slice of the hashed run configuration each reusable step depends on. The area files and the
-# diagnostics are always rebuilt: the first for any change of weights, the second records the run.
-STEP_CONFIG = {
-    "policy_data_db": ("database", "build_database"),
-    "source_datasets": ("dataset",),
-    "calibration_package": ("calibration",),
-    "state_weights": ("local_fit",),
-    "national_weights": ("national_fit",),
-}
 # The area files are two independent parts, each reused on its own (same code, environment and the
 # inputs it reads): the 488 local areas read the state weights, the national file the national ones.
 AREA_PART_INPUTS = {
@@ -147,21 +110,17 @@ def run_calibration_package(store: LocalRunStore, run_id: str, config: RunConfig
 
 
 def fit_config(config: RunConfig, step: str) -> FitConfig:
-    return config.local_fit if FIT_SCOPES[step] == "local" else config.national_fit
+    return config.local_fit if STEPS[step].fit_scope == "local" else config.national_fit
 
 
-def run_fit(store: LocalRunStore, run_id: str, config: RunConfig, step: str, compute) -> StepResult:
-    """Fit one scope's weights on the compute resource (the local process, or a remote GPU)."""
-    from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
+def fit_on_compute(step: str, log_name: str):
+    """The runner of one scope's fit: on the compute resource (the local process, or a remote GPU)."""
+    def run_fit(store: LocalRunStore, run_id: str, config: RunConfig, compute) -> StepResult:
+        from pipeline_assets.steps.weights import fit_weights  # torch is imported only where a fit runs
 
-    log_name = "state_calibration_log" if FIT_SCOPES[step] == "local" else "national_calibration_log"
-    return compute.fit(
-        fit_weights,
-        artifact(store, run_id, "calibration_package"),
-        output(store, run_id, step),
-        output(store, run_id, log_name),
-        fit_config(config, step),
-    )
+        return compute.fit(fit_weights, artifact(store, run_id, "calibration_package"), output(store, run_id, step),
+                           output(store, run_id, log_name), fit_config(config, step))
+    return run_fit
 
 
 def wanted_areas(area_codes: set[str] | None) -> list:
@@ -264,12 +223,87 @@ def run_model_validation(store: LocalRunStore, run_id: str, config: RunConfig, c
     )
 
 
-RUNNERS = {
-    "policy_data_db": run_database,
-    "source_datasets": run_datasets,
-    "calibration_package": run_calibration_package,
-    "run_diagnostics": run_diagnostics,
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of a release, declared once: the modules whose source is its code version, what runs
+    it, the file it is known by, the packaged raw inputs it reads (pipeline_assets/data/raw_inputs/:
+    hashed when it starts, in its record and reuse key, and unchanged when it ends), and the slice of
+    the hashed run configuration it depends on. A step with no slice (the area files, for any change
+    of weights; the diagnostics, which record the run) is always rebuilt, never reused from another run."""
+
+    sources: tuple[str, ...]
+    run: Callable[..., StepResult] | None  # (store, run_id, config[, compute]); None: the area step (stream_areas)
+    primary_output: str | None = None
+    raw_inputs: tuple[str, ...] = ()
+    config: tuple[str, ...] = ()
+    on_compute: bool = False  # runs on the compute resource (the local pool, or Modal): the fits and the model
+    fit_scope: str | None = None
+
+    @cached_property
+    def code_version(self) -> str:
+        return code_version(*self.sources)
+
+
+FIT_SOURCES = ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration")
+STEPS = {
+    "policy_data_db": StepSpec(
+        sources=("pipeline_assets.steps.database", "pipeline_assets.steps.geography"),
+        run=run_database,
+        primary_output=ARTIFACTS["policy_data_db"],
+        raw_inputs=database.RAW_INPUT_FILES,
+        config=("database", "build_database"),
+    ),
+    "source_datasets": StepSpec(
+        sources=("pipeline_assets.steps.datasets", "pipeline_assets.steps.geography", "pipeline_assets.steps.h5io",
+                 "pipeline_assets.steps.policyengine", "pipeline_assets.steps.uprating"),
+        run=run_datasets,
+        primary_output=ARTIFACTS["source_datasets"],
+        raw_inputs=datasets.RAW_INPUT_FILES,
+        config=("dataset",),
+    ),
+    "calibration_package": StepSpec(
+        sources=("pipeline_assets.steps.calibration", "pipeline_assets.steps.h5io", "pipeline_assets.steps.uprating"),
+        run=run_calibration_package,
+        primary_output=ARTIFACTS["calibration_package"],
+        raw_inputs=(*geography.GEOGRAPHY_FILES, uprating.CPI_FILE),  # the districts, populations, county shares; the CPI-U
+        config=("calibration",),
+    ),
+    "state_weights": StepSpec(
+        sources=FIT_SOURCES,
+        run=fit_on_compute("state_weights", "state_calibration_log"),
+        primary_output=ARTIFACTS["state_weights"],
+        config=("local_fit",),
+        on_compute=True,
+        fit_scope="local",
+    ),
+    "national_weights": StepSpec(
+        sources=FIT_SOURCES,
+        run=fit_on_compute("national_weights", "national_calibration_log"),
+        primary_output=ARTIFACTS["national_weights"],
+        config=("national_fit",),
+        on_compute=True,
+        fit_scope="national",
+    ),
+    "local_areas": StepSpec(
+        sources=("pipeline_assets.steps.local_areas", "pipeline_assets.steps.h5io", "pipeline_assets.steps.policyengine",
+                 "pipeline_assets.steps.geography"),
+        run=None,
+        raw_inputs=(geography.DISTRICT_LIST, geography.COUNTY_FIPS),  # the area list and its counties
+    ),
+    "run_diagnostics": StepSpec(
+        sources=("pipeline_assets.steps.diagnostics",),
+        run=run_diagnostics,
+        primary_output=f"{DIAGNOSTICS}/validation.csv",
+    ),
+    "model_validation": StepSpec(
+        sources=("pipeline_assets.steps.model_validation",),
+        run=run_model_validation,
+        primary_output=f"{DIAGNOSTICS}/model_validation.json",
+        raw_inputs=(geography.DISTRICT_LIST,),
+        on_compute=True,
+    ),
 }
+assert tuple(STEPS) == STEP_ORDER, "the step specs follow the release's order (step_graph.STEP_ORDER)"
 
 
 def _relative(store: LocalRunStore, run_id: str, paths) -> list[str]:
@@ -290,7 +324,7 @@ class RawInputChanged(RuntimeError):
 def hash_raw_inputs(step: str) -> dict[str, str]:
     """{"raw_inputs/NAME": sha256} of the raw inputs `step` reads, as their bytes are now."""
     return {f"{geography.RAW_INPUTS_PREFIX}/{name}": digest
-            for name, digest in sorted(geography.raw_input_sha256(STEP_RAW_INPUTS.get(step, ())).items())}
+            for name, digest in sorted(geography.raw_input_sha256(STEPS[step].raw_inputs).items())}
 
 
 def check_raw_inputs_unchanged(step: str, read: dict[str, str]) -> None:
@@ -308,7 +342,7 @@ def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, out
     """The step's identity (and so its reuse key): code, environment, config section, upstream
     outputs and the raw inputs' bytes as they are at its start."""
     hashed = hashed_config(config)
-    section_hash = step_config_hash({name: hashed[name] for name in STEP_CONFIG.get(step, ())})
+    section_hash = step_config_hash({name: hashed[name] for name in STEPS[step].config})
     inputs = {}
     for upstream in STEP_INPUTS[step]:
         record = read_record(store, run_id, upstream)
@@ -319,8 +353,8 @@ def _record(store, run_id, step, config: RunConfig, env: RuntimeEnvironment, out
     raw_inputs = hash_raw_inputs(step)
     return StepRecord(
         step=step,
-        reuse_key=reuse_key(step, CODE_VERSIONS[step], identity, section_hash, inputs, raw_inputs),
-        code_version=CODE_VERSIONS[step],
+        reuse_key=reuse_key(step, STEPS[step].code_version, identity, section_hash, inputs, raw_inputs),
+        code_version=STEPS[step].code_version,
         env_id=identity,
         config_hash=section_hash,
         inputs=inputs,
@@ -346,7 +380,8 @@ def execute_step(
         # A resumed run keeps what it already made: same code, environment, config and inputs.
         return _result_of(store, run_id, kept, kept.reused_from), kept
     found = None
-    if step in STEP_CONFIG and config.reuse:
+    spec = STEPS[step]
+    if spec.config and config.reuse:
         found = find_reusable(store, run_id, step, probe.reuse_key, SealedRunLender(store))
     if found is not None:
         source_run, source = found
@@ -357,12 +392,7 @@ def execute_step(
             "started_at": started, "ended_at": utcnow(),
         })
     else:
-        if step in FIT_SCOPES:
-            result = run_fit(store, run_id, config, step, compute or LocalPool())
-        elif step == "model_validation":
-            result = run_model_validation(store, run_id, config, compute or LocalPool())
-        else:
-            result = RUNNERS[step](store, run_id, config)
+        result = spec.run(store, run_id, config, compute or LocalPool()) if spec.on_compute else spec.run(store, run_id, config)
         check_raw_inputs_unchanged(step, probe.raw_inputs)
         written = [p for p in result.outputs.values() if Path(p).is_file()]
         record = probe.model_copy(update={

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +269,7 @@ def test_a_tampered_run_fails_verify_and_is_neither_reused_nor_promoted(name, re
 
 
 def assert_lent_every_step(store: LocalRunStore, run_id: str, lender: str) -> None:
-    for step in stages.STEP_CONFIG:
+    for step in [step for step, spec in stages.STEPS.items() if spec.config]:  # the reusable steps
         assert read_record(store, run_id, step).reused_from == lender, step
     assert verify_run(store, run_id).ok
 
@@ -288,16 +289,16 @@ def test_every_raw_input_a_step_opens_is_declared(sealed):
     _, _, opened = sealed
     assert {"policy_data_db", "source_datasets", "calibration_package"} <= opened.keys()
     for step, names in opened.items():
-        assert names <= set(stages.STEP_RAW_INPUTS.get(step, ())), step
+        assert names <= set(stages.STEPS[step].raw_inputs), step
     packaged = {p.name for p in geography.raw_inputs_dir().iterdir()} - {"SHA256SUMS"}
-    assert {name for names in stages.STEP_RAW_INPUTS.values() for name in names} == packaged
+    assert {name for spec in stages.STEPS.values() for name in spec.raw_inputs} == packaged
 
 
 def test_the_tro_lists_the_raw_input_bytes_the_steps_read(sealed):
     store, run_id, _ = sealed
     read = {}
     for step in step_graph.STEP_ORDER:
-        declared = stages.STEP_RAW_INPUTS.get(step, ())
+        declared = stages.STEPS[step].raw_inputs
         record = read_record(store, run_id, step)
         assert record.raw_inputs == {f"raw_inputs/{name}": sha256_file(geography.raw_input(name)) for name in declared}
         read |= record.raw_inputs
@@ -348,14 +349,14 @@ def test_a_changed_raw_input_is_computed_again_and_the_tro_has_its_new_hash(seal
 @pytest.mark.reliability("tamper")
 def test_a_raw_input_changed_under_a_step_fails_it_in_one_line(raw_copy, tmp_path, monkeypatch):
     store = LocalRunStore(tmp_path / "store")
-    build = stages.RUNNERS["policy_data_db"]
+    build = stages.STEPS["policy_data_db"].run
 
     def build_then_change(*args):
         result = build(*args)
         change_snap_households(raw_copy)
         return result
 
-    monkeypatch.setitem(stages.RUNNERS, "policy_data_db", build_then_change)
+    monkeypatch.setitem(stages.STEPS, "policy_data_db", replace(stages.STEPS["policy_data_db"], run=build_then_change))
     with pytest.raises(RawInputChanged, match="raw input raw_inputs/snap_state.csv changed while step policy_data_db read it"):
         run_release(store, CONFIG, CODE, running_sha=PINNED_SHA)
     [meta] = store.list_runs()

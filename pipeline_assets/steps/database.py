@@ -73,7 +73,7 @@ SOI_AGI_STATE = "agi_state.csv"
 SOI_NATIONAL = "soi_targets.csv.gz"
 SNAP_STATE = "snap_state.csv"
 EITC_STATE = "eitc_state.csv"
-# Every raw file the database is made from (the step's declaration, see stages.STEP_RAW_INPUTS); each
+# Every raw file the database is made from (the step's declaration, see the step specs, stages.STEPS); each
 # is recorded (sha256, size) in raw_inputs.
 RAW_INPUT_FILES = (
     DISTRICT_LIST, COUNTY_SHARES, ACS_AGE_STATE, ACS_AGE_DISTRICT, ACS_SNAP_DISTRICT,
