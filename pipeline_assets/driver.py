@@ -17,7 +17,7 @@ from pipeline_assets.identity import ensure_no_skew, make_run_id, package_versio
 from pipeline_assets.identity_contract import config_hash, env_id
 from pipeline_assets.reuse import StepRecord, read_record
 from pipeline_assets.steps.config import RunConfig
-from pipeline_assets.tro import TRO_PREFIX, signer_from_environment, tro_base, tro_revisions, write_tro
+from pipeline_assets.tro import TRO_PREFIX, seal_tro, tro_base
 from resources.compute import LocalPool, mark_step_process
 from resources.git import CodeState, running_code_sha
 from resources.ledger import GitLedger, configured_ledger
@@ -186,8 +186,8 @@ def settle_run(
     meta = store.read_meta(run_id)
     if meta.status is RunStatus.running:
         meta = store.update_meta(run_id, settle)
-    if meta.status is RunStatus.completed and not tro_revisions(store, run_id):
-        write_tro(store, run_id, signer_from_environment())
+    if meta.status is RunStatus.completed:
+        seal_tro(store, run_id)
     ledger = ledger or configured_ledger(store.root)
     if ledger is not None:
         ledger.record(run_record_files(store, run_id), f"run {run_id} {meta.status.value}")

@@ -16,7 +16,7 @@ from pipeline_assets.partitions import run_ids
 from pipeline_assets.run_start import open_run
 from pipeline_assets.steps import geography
 from pipeline_assets.steps.database import population_targets
-from pipeline_assets.tro import signer_from_environment, write_tro
+from pipeline_assets.tro import revise_tro
 from resources.dagster_resources import CodeResource, ComputeResource, LineageResource, RunStoreResource, RuntimeResource
 
 AREA_GROUPS = {"state": "states", "district": "districts", "city": "cities"}
@@ -91,7 +91,7 @@ def local_areas(
         if not shared:  # at the first file: a remote pool knows its workers' environments by then
             shared.update(identity_metadata(meta, probe), **worker_environment_metadata(pool, env))
             if probe.reuse == "rebuilt":  # a verified backfill of a completed run: a new TRO revision records it
-                shared["tro_revision"] = write_tro(store, run_id, signer_from_environment()).name
+                shared["tro_revision"] = revise_tro(store, run_id).name
         reused = {"reuse": "reused", "reused_from": result.reused_from} if result.reused_from else {}
         return {
             **shared,

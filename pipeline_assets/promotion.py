@@ -28,17 +28,14 @@ from pipeline_assets.tro import (
     TRO_NAME,
     ModelPackage,
     VerifyReport,
-    build_release_tro,
-    canonical_bytes,
     located,
     model_package,
     read_tro,
     run_records,
-    signer_from_environment,
-    tro_revisions,
+    seal_tro,
     verify_release,
     verify_run,
-    write_tro,
+    write_release_tro,
 )
 from resources.files import link_or_copy, sha256_file, write_bytes_atomic
 from resources.ledger import GitLedger, configured_ledger
@@ -124,9 +121,7 @@ def stage_release(store: LocalRunStore, run_id: str) -> StagingManifest:
         rel = release_path(run_rel)
         if rel is not None:
             files[rel] = (store.path(store.run_key(run_id, run_rel)), digest)
-    if not tro_revisions(store, run_id):  # staging is the run's last step: its TRO is written here
-        write_tro(store, run_id, signer_from_environment())
-    tro = tro_revisions(store, run_id)[-1]
+    tro = seal_tro(store, run_id)  # staging is the run's last step: its TRO is written by then
     files[TRO_NAME] = (tro, sha256_file(tro))
     manifest = StagingManifest(run_id=run_id, files={rel: digest for rel, (_, digest) in sorted(files.items())})
     for rel, (source, digest) in files.items():
@@ -211,11 +206,8 @@ def promote(
     except RunStoreError as exc:
         raise PromotionRefused(str(exc)) from None
     files = {rel: store.path(staging_key(run_id, rel)) for rel in staged.files}
-    release_tro = store.path(f"releases/{version}/{RELEASE_TRO}")
-    if not release_tro.exists():
-        doc = build_release_tro(store, run_id, version, staged.files, run_tro=TRO_NAME, model=model)
-        write_bytes_atomic(release_tro, canonical_bytes(doc))
-    files[RELEASE_TRO] = release_tro
+    files[RELEASE_TRO] = write_release_tro(store, run_id, version, staged.files, TRO_NAME, model,
+                                           store.path(f"releases/{version}/{RELEASE_TRO}"))
     return publish_and_register(store, run_id, version, files, publishers, registry, tro_path=f"runs/{run_id}/{TRO_NAME}",
                                 tro_sha256=staged.files[TRO_NAME], ledger=ledger, policyengine_us=policyengine_us_build(model))
 

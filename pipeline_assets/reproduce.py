@@ -19,7 +19,7 @@ from pipeline_assets.reuse import read_record
 from pipeline_assets.stages import DIAGNOSTICS
 from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.steps.config import RunConfig
-from pipeline_assets.tro import run_files, signer_from_environment, write_tro
+from pipeline_assets.tro import revise_tro, run_files
 from resources.git import CodeState, running_code_sha
 from resources.run_store import SEALED, LocalRunStore, RunStatus, RunStoreError
 from resources.runtime import RuntimeEnvironment, capture
@@ -167,5 +167,5 @@ def reproduce(
         artifacts=compare_files(store, run_id, new_run),
     )
     store.write_run_json(new_run, REPORT, result)
-    write_tro(store, new_run, signer_from_environment())
+    revise_tro(store, new_run)
     return result

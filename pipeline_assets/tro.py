@@ -32,7 +32,7 @@ from pipeline_assets.reuse import StepRecord, files_verify, read_record, rebuild
 from pipeline_assets.step_graph import STEP_ORDER
 from pipeline_assets.steps.geography import raw_inputs_dir
 from pipeline_assets.steps.results import MODEL_PACKAGE  # the StepRecord.environment key a step that ran a model records it under
-from resources.files import sha256_file
+from resources.files import sha256_file, write_bytes_atomic
 from resources.run_store import SEALED, LocalRunStore, RunStoreError, StepTiming, utcnow
 
 TROV = "https://w3id.org/trace/trov/0.1#"
@@ -560,6 +560,29 @@ def write_tro(store: LocalRunStore, run_id: str, signer: GpgSigner | None = None
     if signature is not None:
         store.write_run_file(run_id, rel + SIGNATURE_SUFFIX, signature)
     return path
+
+
+def seal_tro(store: LocalRunStore, run_id: str) -> Path:
+    """The TRO of a run that has just completed: written (signed where PIPELINE_GPG_KEY is set) by
+    whichever of settling the run and staging its release comes first, then kept as it is."""
+    revisions = tro_revisions(store, run_id)
+    return revisions[-1] if revisions else write_tro(store, run_id, signer_from_environment())
+
+
+def write_release_tro(store: LocalRunStore, run_id: str, version: str, files: dict[str, str], run_tro: str,
+                      model: ModelPackage | None, path: Path) -> Path:
+    """The release's TRO at `path` (releases/{version}/), written once: a promotion run again after a
+    failure keeps the one it wrote."""
+    if not path.exists():
+        write_bytes_atomic(path, canonical_bytes(build_release_tro(store, run_id, version, files, run_tro, model)))
+    return path
+
+
+def revise_tro(store: LocalRunStore, run_id: str) -> Path:
+    """A new revision of the run's TRO, for what was added to a run after it was sealed (a verified
+    rebuild of its areas, a reproduction's report): every TRO the pipeline writes goes through here
+    , `seal_tro` or `write_release_tro`."""
+    return write_tro(store, run_id, signer_from_environment())
 
 
 # --- verifying -----------------------------------------------------------------------------------
