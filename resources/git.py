@@ -18,16 +18,21 @@ class GitError(RuntimeError):
     """The repository or the ref cannot be read."""
 
 
-def _git(repo: Path, *args: str) -> str:
+def run_git(repo: Path, *args: str, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`git [options] -C repo args`, its output captured; never waits at a prompt (a remote that asks
+    for a password fails instead). The one place the project runs git."""
     try:
-        done = subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
-        )
+        return subprocess.run(["git", *options, "-C", str(repo), *args], capture_output=True, text=True,
+                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
     except FileNotFoundError as exc:
         raise GitError("git is not installed") from exc
-    except subprocess.CalledProcessError as exc:
-        reason = (exc.stderr or exc.stdout).strip().splitlines()
-        raise GitError(f"git {' '.join(args)} failed in {repo}: {reason[-1] if reason else exc}") from None
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = run_git(repo, *args)
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()
+        raise GitError(f"git {' '.join(args)} failed in {repo}: {reason[-1] if reason else done.returncode}")
     return done.stdout
 
 

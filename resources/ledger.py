@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from resources.files import write_bytes_atomic
+from resources.git import run_git
 from resources.run_store import directory_problem
 
 LEDGER_VARIABLE = "PIPELINE_LEDGER"
@@ -54,8 +55,7 @@ def redact(text: str) -> str:
 
 
 def _run_git(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # a remote asking for a password fails, never waits
-    return subprocess.run(["git", *GIT_OPTIONS, "-C", str(cwd), *args], capture_output=True, text=True, env=env)
+    return run_git(cwd, *args, options=GIT_OPTIONS)
 
 
 def _is_bare_repository(path: Path) -> bool:

@@ -20,7 +20,7 @@ from dagster import (
     validate_run_config,
 )
 
-from pipeline_assets import defs, driver
+from pipeline_assets import defs, tro
 from pipeline_assets.driver import start_run
 from pipeline_assets.identity import parse_run_id
 from pipeline_assets.identity_contract import config_hash
@@ -187,7 +187,7 @@ def test_success_sensor_settles_the_run(tmp_path, monkeypatch, check_passes):
         written.append(run_id)
         return store.write_run_file(run_id, TRO_NAME, b"{}")
 
-    monkeypatch.setattr(driver, "write_tro", write_tro)
+    monkeypatch.setattr(tro, "write_tro", write_tro)  # under seal_tro, which writes a TRO only where none is
 
     @asset
     def fine(run_store: RunStoreResource):
