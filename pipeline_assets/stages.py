@@ -244,7 +244,14 @@ class StepSpec:
         return code_version(*self.sources)
 
 
-FIT_SOURCES = ("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration")
+def fit_spec(step: str, scope: str) -> StepSpec:
+    """A fit: the weights of one scope (local: states and districts; national), on the compute resource."""
+    log_name = "state_calibration_log" if scope == "local" else "national_calibration_log"
+    return StepSpec(sources=("pipeline_assets.steps.weights", "pipeline_assets.steps.calibration"),
+                    run=fit_on_compute(step, log_name), primary_output=ARTIFACTS[step], config=(f"{scope}_fit",),
+                    on_compute=True, fit_scope=scope)
+
+
 STEPS = {
     "policy_data_db": StepSpec(
         sources=("pipeline_assets.steps.database", "pipeline_assets.steps.geography"),
@@ -268,22 +275,8 @@ STEPS = {
         raw_inputs=(*geography.GEOGRAPHY_FILES, uprating.CPI_FILE),  # the districts, populations, county shares; the CPI-U
         config=("calibration",),
     ),
-    "state_weights": StepSpec(
-        sources=FIT_SOURCES,
-        run=fit_on_compute("state_weights", "state_calibration_log"),
-        primary_output=ARTIFACTS["state_weights"],
-        config=("local_fit",),
-        on_compute=True,
-        fit_scope="local",
-    ),
-    "national_weights": StepSpec(
-        sources=FIT_SOURCES,
-        run=fit_on_compute("national_weights", "national_calibration_log"),
-        primary_output=ARTIFACTS["national_weights"],
-        config=("national_fit",),
-        on_compute=True,
-        fit_scope="national",
-    ),
+    "state_weights": fit_spec("state_weights", "local"),
+    "national_weights": fit_spec("national_weights", "national"),
     "local_areas": StepSpec(
         sources=("pipeline_assets.steps.local_areas", "pipeline_assets.steps.h5io", "pipeline_assets.steps.policyengine",
                  "pipeline_assets.steps.geography"),
