@@ -20,11 +20,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Iterable, Literal
 
+import gnupg
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, computed_field, field_validator
 
 from pipeline_assets.identity import package_version
@@ -499,33 +499,34 @@ class SigningError(RuntimeError):
 
 
 class GpgSigner:
-    """Detached ASCII-armored signatures by the local gpg binary, offline; the secret key never
-    leaves the keyring, and only the public key goes into the TRO (as trov:publicKey)."""
+    """Detached ASCII-armored signatures by the local gpg (through python-gnupg), offline; the secret
+    key never leaves the keyring, and only the public key goes into the TRO (as trov:publicKey)."""
 
     def __init__(self, key_id: str, gnupg_home: str | None = None):
         self.key_id = key_id
         self.gnupg_home = gnupg_home
 
-    def _gpg(self, action: str, *args: str, data: bytes | None = None) -> bytes:
-        result = subprocess.run(_gpg_command(self.gnupg_home, *args), input=data, capture_output=True)
-        output = result.stdout if result.returncode == 0 else b""
-        if not output:
-            detail = (result.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-            raise SigningError(f"gpg could not {action} with key {self.key_id}: {detail}")
-        return output
+    def _failed(self, action: str, stderr: str | None) -> SigningError:
+        said = [line for line in (stderr or "").strip().splitlines() if not line.startswith("[GNUPG:]")]
+        return SigningError(f"gpg could not {action} with key {self.key_id}: {said[-1] if said else 'no output'}")
 
     def sign(self, data: bytes) -> bytes:
-        return self._gpg(
-            "sign", "--yes", "--pinentry-mode", "loopback", "--local-user", self.key_id, "--detach-sign", "--armor",
-            data=data,
-        )
+        # --local-user, not python-gnupg's keyid (gpg's --default-key falls back to another secret key)
+        signed = gpg(self.gnupg_home).sign(data, detach=True, clearsign=False, binary=False,
+                                           extra_args=["--yes", "--pinentry-mode", "loopback", "--local-user", self.key_id])
+        if not signed.data:
+            raise self._failed("sign", signed.stderr)
+        return signed.data
 
     def public_key(self) -> str:
-        return self._gpg("export the public key", "--armor", "--export", self.key_id).decode()
+        key = gpg(self.gnupg_home).export_keys(self.key_id)
+        if not key:
+            raise self._failed("export the public key", f"no public key {self.key_id} in the keyring")
+        return key
 
 
-def _gpg_command(gnupg_home: str | None, *args: str) -> list[str]:
-    return ["gpg", "--batch", *(["--homedir", gnupg_home] if gnupg_home else []), *args]
+def gpg(gnupg_home: str | None) -> gnupg.GPG:
+    return gnupg.GPG(gnupghome=gnupg_home)
 
 
 def signer_from_environment() -> GpgSigner | None:
@@ -618,12 +619,8 @@ class VerifyReport(BaseModel):
 @functools.lru_cache(maxsize=16)
 def key_fingerprints(armored_key: str, gnupg_home: str | None = None) -> frozenset[str]:
     """The fingerprints (primary key and subkeys) of an armored public key, read without importing it."""
-    result = subprocess.run(
-        _gpg_command(gnupg_home, "--with-colons", "--import-options", "show-only", "--import"),
-        input=armored_key.encode(), capture_output=True,
-    )
-    return frozenset(line.split(":")[9] for line in result.stdout.decode(errors="replace").splitlines()
-                     if line.startswith("fpr:"))
+    return frozenset(fingerprint for key in gpg(gnupg_home).scan_keys_mem(armored_key)
+                     for fingerprint in (key["fingerprint"], *(subkey[2] for subkey in key["subkeys"])))
 
 
 def check_signature(
@@ -633,19 +630,13 @@ def check_signature(
     other key when it is good but not by `signer_key` (armored), the key the TRO names."""
     if shutil.which("gpg") is None:
         return "unverifiable"
-    result = subprocess.run(
-        _gpg_command(gnupg_home, "--status-fd", "1", "--verify", str(signature), str(data)), capture_output=True
-    )
-    status = result.stdout.decode(errors="replace").splitlines()
-    if result.returncode != 0 or not any(line.startswith("[GNUPG:] GOODSIG") for line in status):
-        return "bad" if any(line.startswith("[GNUPG:] BADSIG") for line in status) else "unverifiable"
+    with open(signature, "rb") as handle:
+        verdict = gpg(gnupg_home).verify_file(handle, data_filename=str(data), close_file=False)
+    if not verdict.valid:
+        return "bad" if verdict.status == "signature bad" else "unverifiable"
     if signer_key is None:
         return "ok"
-    signed_by = set()
-    for line in status:
-        if line.startswith("[GNUPG:] VALIDSIG"):  # VALIDSIG <signing key fpr> ... <primary key fpr>
-            fields = line.split()
-            signed_by |= {fields[2], fields[-1]}
+    signed_by = {verdict.fingerprint, verdict.pubkey_fingerprint}  # the signing (sub)key and its primary key
     return "ok" if signed_by & key_fingerprints(signer_key, gnupg_home) else "other key"
 
 
