@@ -525,7 +525,10 @@ class GpgSigner:
         return key
 
 
+@functools.lru_cache(maxsize=16)
 def gpg(gnupg_home: str | None) -> gnupg.GPG:
+    """python-gnupg's handle on the keyring at `gnupg_home` (None: gpg's own default), made once: making
+    one runs `gpg --version`, and verifying a store checks every revision of every sealed run."""
     return gnupg.GPG(gnupghome=gnupg_home)
 
 
@@ -581,8 +584,8 @@ def write_release_tro(store: LocalRunStore, run_id: str, version: str, files: di
 
 def revise_tro(store: LocalRunStore, run_id: str) -> Path:
     """A new revision of the run's TRO, for what was added to a run after it was sealed (a verified
-    rebuild of its areas, a reproduction's report): every TRO the pipeline writes goes through here
-    , `seal_tro` or `write_release_tro`."""
+    rebuild of its areas, a reproduction's report). Every TRO the pipeline writes goes through this,
+    `seal_tro` or `write_release_tro`."""
     return write_tro(store, run_id, signer_from_environment())
 
 
@@ -628,8 +631,8 @@ def check_signature(
 ) -> SignatureStatus:
     """gpg's verdict on a detached signature: bad when the bytes changed, unverifiable without the key,
     other key when it is good but not by `signer_key` (armored), the key the TRO names."""
-    if shutil.which("gpg") is None:
-        return "unverifiable"
+    if shutil.which("gpg") is None or (gnupg_home is not None and not Path(gnupg_home).is_dir()):
+        return "unverifiable"  # no gpg, or no keyring (python-gnupg would create the directory)
     with open(signature, "rb") as handle:
         verdict = gpg(gnupg_home).verify_file(handle, data_filename=str(data), close_file=False)
     if not verdict.valid:

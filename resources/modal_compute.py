@@ -112,9 +112,10 @@ class ModalCompute:
 
     def fit(self, fit_weights: Callable, package_path: Path, weights_path: Path, log_path: Path, config):
         """Run the fit step function `fit_weights` on a remote `gpu`; write the weights and calibration log here."""
-        if fit_weights.__name__ not in FIT_REMOTE:
+        remote = FIT_REMOTE.get(fit_weights.__name__)
+        if remote is None:
             raise ValueError(f"the Modal app fits with {' and '.join(FIT_REMOTE)} only, not {fit_weights.__name__}")
-        fit_remote = self._function(FIT_REMOTE[fit_weights.__name__]).with_options(gpu=self.gpu)
+        fit_remote = self._function(remote).with_options(gpu=self.gpu)
         reply = fit_remote.remote(Path(package_path).read_bytes(), config.model_dump_json(), self._sha())
         outputs = {"weights": Path(weights_path), "calibration_log": Path(log_path)}
         for name, path in outputs.items():
